@@ -1,0 +1,267 @@
+"""HybridLM configuration: one config for Jamba-style hybrids, pure Transformers and pure Mamba models."""
+
+import math
+
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+LAYER_TYPES = ("attention", "mamba")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+class HybridLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`HybridLMModel`]: a stack of `num_hidden_layers` layers, each a token mixer
+    (attention or Mamba) followed by a feed-forward block (dense SwiGLU MLP, mixture of experts, or
+    none). Field names follow transformers' `JambaConfig` wherever the meaning is the same, so a
+    Jamba `config.json` maps field by field.
+
+    Layer plan (l, a:m, e, n, K):
+        attn_layer_period / attn_layer_offset (`int`, defaults to 8 / 4):
+            Layer `i` is attention iff `i % attn_layer_period == attn_layer_offset`, Mamba otherwise.
+        layers_block_type (`list[str]`, *optional*):
+            Explicit mixer per layer (`"attention"` / `"mamba"`); wins over period/offset when given.
+            After construction it always holds the resolved plan.
+        expert_layer_period / expert_layer_offset (`int`, defaults to 2 / 1):
+            Layer `i` has a mixture of experts iff `i % expert_layer_period == expert_layer_offset`.
+        num_experts (`int`, defaults to 8) / num_experts_per_tok (`int`, defaults to 2):
+            Experts per MoE layer (n) and experts each token is routed to (K).
+        layers_num_experts (`list[int]`, *optional*):
+            Explicit feed-forward per layer: `0` no feed-forward block (Mamba checkpoints), `1` a dense
+            MLP, `num_experts` a mixture of experts. Wins over the expert period/offset when given.
+
+    Attention:
+        num_attention_heads (`int`), num_key_value_heads (`int`, GQA; defaults to the number of heads),
+        head_dim (`int`, defaults to `hidden_size // num_attention_heads`), attention_bias (`bool`),
+        attention_dropout (`float`), sliding_window (`int`, *optional*: each token sees itself and the
+        `sliding_window - 1` tokens before it), use_rope (`bool`, default `False`, as in Jamba) with
+        `rope_parameters` (transformers' RoPE dict, e.g. `{"rope_type": "default", "rope_theta": 1e4}`).
+
+    Mamba:
+        mamba_d_state (N), mamba_d_conv (conv width), mamba_expand (d_inner = expand * hidden_size),
+        mamba_dt_rank (`"auto"` = ceil(hidden_size / 16)), mamba_conv_bias, mamba_proj_bias,
+        mamba_inner_layernorms (Jamba's RMSNorms on dt, B and C), mamba_dt_min / mamba_dt_max /
+        mamba_dt_init_floor (initial step sizes).
+
+    Router:
+        router_aux_loss_coef (Switch load-balancing loss weight), router_z_loss_coef (ST-MoE z-loss
+        weight), norm_topk_prob (renormalise the top-K weights: Mixtral yes, Jamba no),
+        output_router_logits.
+
+    Kernels:
+        kernel_backend (`"auto"`, `"torch"`, `"triton"` or `"cuda"`): which implementation runs the
+        Mamba ops. `"auto"` picks the fastest one present that passes a self-check.
+
+    Every inconsistent value raises a `ValueError` naming the field, the value and the rule.
+    """
+
+    model_type = "hybrid_lm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_local_experts": "num_experts"}
+
+    vocab_size: int = 65536
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_hidden_layers: int = 8
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    max_position_embeddings: int = 262144
+
+    # layer plan
+    attn_layer_period: int = 8
+    attn_layer_offset: int = 4
+    layers_block_type: list[str] | None = None
+    expert_layer_period: int = 2
+    expert_layer_offset: int = 1
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    layers_num_experts: list[int] | None = None
+
+    # attention
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    sliding_window: int | None = None
+    use_rope: bool = False
+    rope_parameters: dict | None = None
+
+    # feed-forward
+    mlp_bias: bool = False
+
+    # mamba
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int | str = "auto"
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    mamba_inner_layernorms: bool = True
+    mamba_dt_min: float = 0.001
+    mamba_dt_max: float = 0.1
+    mamba_dt_init_floor: float = 1e-4
+
+    # router
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    norm_topk_prob: bool = False
+    output_router_logits: bool = False
+
+    kernel_backend: str = "auto"
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            _require_positive_int("hidden_size", self.hidden_size)
+            _require_positive_int("num_attention_heads", self.num_attention_heads)
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); change one of them or set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mamba_dt_rank == "auto":
+            self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
+        self._validate_sizes()
+        self.layers_block_type = self._resolve_block_types()
+        self.layers_num_experts = self._resolve_num_experts()
+        super().__post_init__(**kwargs)
+        self._validate_options()
+
+    # ------------------------------------------------------------------ validation
+    def _validate_sizes(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "num_experts", "mamba_d_state", "mamba_d_conv", "mamba_expand"):
+            _require_positive_int(name, getattr(self, name))
+        _require_positive_int("intermediate_size", self.intermediate_size, allow_zero=True)
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}) for grouped-query attention; use a divisor of "
+                f"{self.num_attention_heads}"
+            )
+        if not isinstance(self.mamba_dt_rank, int) or isinstance(self.mamba_dt_rank, bool) or self.mamba_dt_rank < 1:
+            raise ValueError(f"mamba_dt_rank ({self.mamba_dt_rank!r}) must be a positive integer or 'auto'")
+        for kind in ("attn", "expert"):
+            period, offset = getattr(self, f"{kind}_layer_period"), getattr(self, f"{kind}_layer_offset")
+            _require_positive_int(f"{kind}_layer_period", period)
+            if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < period:
+                raise ValueError(
+                    f"{kind}_layer_offset ({offset}) must be smaller than {kind}_layer_period ({period}); "
+                    f"use 0..{period - 1}"
+                )
+        _require_positive_int("num_experts_per_tok", self.num_experts_per_tok)
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts}): "
+                f"each token picks K of the n experts; use 1..{self.num_experts}"
+            )
+
+    def _resolve_block_types(self) -> list[str]:
+        n = self.num_hidden_layers
+        if self.layers_block_type is None:
+            return ["attention" if i % self.attn_layer_period == self.attn_layer_offset else "mamba" for i in range(n)]
+        types = list(self.layers_block_type)
+        if len(types) != n:
+            raise ValueError(
+                f"layers_block_type has {len(types)} entries but num_hidden_layers is {n}; give one entry per layer"
+            )
+        for i, kind in enumerate(types):
+            if kind not in LAYER_TYPES:
+                raise ValueError(
+                    f"layers_block_type[{i}] is {kind!r}, an unknown layer type; use one of {list(LAYER_TYPES)}"
+                )
+        return types
+
+    def _resolve_num_experts(self) -> list[int]:
+        n = self.num_hidden_layers
+        if self.layers_num_experts is None:
+            return [
+                self.num_experts if i % self.expert_layer_period == self.expert_layer_offset else 1 for i in range(n)
+            ]
+        counts = list(self.layers_num_experts)
+        if len(counts) != n:
+            raise ValueError(
+                f"layers_num_experts has {len(counts)} entries but num_hidden_layers is {n}; give one entry per layer"
+            )
+        allowed = sorted({0, 1, self.num_experts})
+        for i, count in enumerate(counts):
+            if count not in allowed or isinstance(count, bool):
+                raise ValueError(
+                    f"layers_num_experts[{i}] is {count!r}; use 0 (no feed-forward), 1 (dense MLP) or "
+                    f"num_experts ({self.num_experts}) (mixture of experts)"
+                )
+        return counts
+
+    def _validate_options(self):
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act ({self.hidden_act!r}) is not a known activation; use e.g. 'silu' or 'gelu'")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend ({self.kernel_backend!r}) must be one of {list(KERNEL_BACKENDS)}")
+        if self.sliding_window is not None:
+            _require_positive_int("sliding_window", self.sliding_window)
+        if self.use_rope and self.head_dim % 2:
+            raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}; change hidden_size or the heads")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "attention_dropout", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} ({value!r}) must be a number >= 0")
+        if self.intermediate_size < 1 and any(count > 0 for count in self.layers_num_experts):
+            raise ValueError(
+                "intermediate_size (0) must be positive when a layer has a feed-forward block; set it, or set "
+                "layers_num_experts to all zeros for a model without feed-forward blocks"
+            )
+        if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
+            raise ValueError(
+                f"mamba_dt_min ({self.mamba_dt_min}) and mamba_dt_max ({self.mamba_dt_max}) must satisfy "
+                "0 < mamba_dt_min <= mamba_dt_max"
+            )
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def layer_types(self) -> list[str]:
+        """transformers' naming of the mixers, for its cache and serving tooling."""
+        return ["full_attention" if kind == "attention" else "linear_attention" for kind in self.layers_block_type]
+
+    def feed_forward_type(self, layer_idx: int) -> str:
+        """`"none"`, `"mlp"` or `"moe"` for layer `layer_idx`."""
+        count = self.layers_num_experts[layer_idx]
+        return "none" if count == 0 else "moe" if count > 1 else "mlp"
+
+    def layer_plan(self) -> str:
+        """A printable plan: a summary line, then one line per layer (mixer, feed-forward, experts)."""
+        n_attn = self.layers_block_type.count("attention")
+        n_moe = sum(count > 1 for count in self.layers_num_experts)
+        lines = [
+            f"HybridLM: {self.num_hidden_layers} layers, attention:mamba = {n_attn}:{self.num_hidden_layers - n_attn}, "
+            f"{n_moe} MoE layers ({self.num_experts} experts, top-{self.num_experts_per_tok}), "
+            f"hidden {self.hidden_size}, vocab {self.vocab_size}"
+        ]
+        width = len(str(self.num_hidden_layers - 1))
+        for i, kind in enumerate(self.layers_block_type):
+            ff = self.feed_forward_type(i)
+            if ff == "moe":
+                ff = f"moe   {self.num_experts} experts, top-{self.num_experts_per_tok}"
+            lines.append(f"  layer {i:>{width}}: {kind:<9}  {ff}")
+        return "\n".join(lines)
+
+
+def _require_positive_int(name, value, allow_zero=False):
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} ({value!r}) must be an integer >= {low}")
+
+
+__all__ = ["HybridLMConfig"]

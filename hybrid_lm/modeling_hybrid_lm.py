@@ -1,0 +1,1026 @@
+"""PyTorch HybridLM: Jamba-style stacks of attention and Mamba mixers with dense or mixture-of-experts feed-forward.
+
+Reads top-down: norms and rotary embeddings, attention, the Mamba mixer, feed-forward blocks, decoder
+layers, masks, `HybridLMPreTrainedModel`, `HybridLMModel`, the task heads. Parameter names follow
+transformers' Jamba checkpoints (`self_attn`, `mamba`, `feed_forward.experts.{e}.gate_proj`, ...), so
+a saved Jamba folder maps onto this model key for key.
+
+Shape legend: B = batch, L = new tokens, S = cached + new tokens, H = hidden size, D = Mamba d_inner,
+N = d_state, R = dt rank, E = experts, K = experts per token, nh / nkv = query / key-value heads,
+hd = head dim.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .cache_hybrid_lm import HybridLMCache
+from .configuration_hybrid_lm import HybridLMConfig
+from .mamba_ops import (
+    causal_conv1d,
+    causal_conv1d_update,
+    resolve_backend,
+    selective_scan,
+    selective_state_update,
+)
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- norms, rotary embeddings
+
+
+class HybridLMRMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in the input dtype (as Llama and Jamba do)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class HybridLMRotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE, from transformers' RoPE parameter functions (default, linear, llama3, yarn, ...)."""
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: HybridLMConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float, device=device) / config.head_dim
+        return 1.0 / (base**exponents), 1.0
+
+    def compute_inv_freq(self, config: HybridLMConfig) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters(config)
+        return ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float().to(x.device)  # (B, L, hd / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q: (B, nh, L, hd), k: (B, nkv, L, hd), cos/sin: (B, L, hd)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, S, hd) -> (B, nkv * n_rep, S, hd)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, heads, length, dim = hidden_states.shape
+    return hidden_states[:, :, None].expand(batch, heads, n_rep, length, dim).reshape(batch, heads * n_rep, length, dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention. attention_mask: (B, 1, L, S) bool, True = may attend; None = no mask."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, L, S)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, L, nh, hd)
+    return output, weights
+
+
+class HybridLMAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads, optional RoPE and sliding window.
+
+    Runs through transformers' attention-function interface (`config._attn_implementation`): eager,
+    sdpa, flash_attention_2 when installed.
+    """
+
+    is_causal = True
+
+    def __init__(self, config: HybridLMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: HybridLMCache | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nh, L, hd)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nkv, L, hd)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, nkv, S, hd)
+
+        implementation = self.config._attn_implementation or "eager"
+        if implementation == "eager" or output_attentions:
+            attention = eager_attention_forward
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        output = self.o_proj(output.reshape(batch, length, -1))
+        return output, weights
+
+
+# ----------------------------------------------------------------------------- Mamba mixer
+
+
+class HybridLMMambaMixer(nn.Module):
+    """The Jamba Mamba-1 mixer: in_proj -> causal conv -> selective scan (gated by silu(z)) -> out_proj.
+
+    dt, B and C come from the conv output through `x_proj`; Jamba's RMSNorms on them are optional
+    (`config.mamba_inner_layernorms`, off for plain Mamba checkpoints). A_log, D and the dt bias stay in
+    float32 whatever the model dtype. Padded positions (attention_mask == 0) are zeroed before the conv
+    and before the scan, so they never reach the states: a left-padded row computes exactly what it
+    would alone.
+    """
+
+    _fp32_parameters = ("A_log", "D", "dt_proj.bias")
+
+    def __init__(self, config: HybridLMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.mamba_d_inner
+        self.ssm_state_size = config.mamba_d_state
+        self.conv_kernel_size = config.mamba_d_conv
+        self.time_step_rank = config.mamba_dt_rank
+        d_inner, d_state, rank = self.intermediate_size, self.ssm_state_size, self.time_step_rank
+
+        self.in_proj = nn.Linear(self.hidden_size, 2 * d_inner, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            d_inner, d_inner, kernel_size=self.conv_kernel_size, groups=d_inner,
+            padding=self.conv_kernel_size - 1, bias=config.mamba_conv_bias,
+        )
+        self.x_proj = nn.Linear(d_inner, rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(rank, d_inner, bias=True)
+        self.dt_proj.bias = nn.Parameter(torch.zeros(d_inner, dtype=torch.float32))
+        # S4D-real initialisation: A = -(1, 2, ..., N) for every channel
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).expand(d_inner, -1).contiguous()
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(d_inner, dtype=torch.float32))
+        self.out_proj = nn.Linear(d_inner, self.hidden_size, bias=config.mamba_proj_bias)
+        if config.mamba_inner_layernorms:
+            self.dt_layernorm = HybridLMRMSNorm(rank, eps=config.rms_norm_eps)
+            self.b_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps)
+            self.c_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` / `.half()` must not round A_log, D and the dt bias: keep them float32.
+        kept = {name: param.data for name, param in self._named_fp32_parameters() if param.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, param in self._named_fp32_parameters():
+            if param.dtype != torch.float32:
+                source = kept.get(name)
+                usable = source is not None and not source.is_meta
+                param.data = (source if usable else param.data).to(device=param.device, dtype=torch.float32)
+        return self
+
+    def _named_fp32_parameters(self):
+        return [(name, self.get_parameter(name)) for name in self._fp32_parameters]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: HybridLMCache | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: (B, L, H); attention_mask: (B, L), 1 = token, 0 = padding; seq_idx: (B, L) document ids."""
+        batch, length, _ = hidden_states.shape
+        cache = past_key_values
+        backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
+        decoding = cache is not None and length == 1 and cache.has_mamba_state(self.layer_idx)
+        token_mask = attention_mask[:, None, :].to(hidden_states.dtype) if attention_mask is not None else None
+
+        # 1. input projection: conv input x and gate z, (B, D, L) each
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        if token_mask is not None:
+            x = x * token_mask
+
+        # 2. causal depthwise conv + silu
+        conv_weight = self.conv1d.weight[:, 0, :]  # (D, d_conv)
+        if decoding:
+            x = causal_conv1d_update(
+                x[..., 0], cache.conv_states[self.layer_idx], conv_weight, self.conv1d.bias, "silu", backend=backend
+            )[..., None]
+        else:
+            conv_out = causal_conv1d(
+                x, conv_weight, self.conv1d.bias,
+                initial_state=cache.conv_states[self.layer_idx] if cache is not None else None,
+                seq_idx=seq_idx, activation="silu", return_final_state=cache is not None, backend=backend,
+            )
+            x, conv_state = conv_out if cache is not None else (conv_out, None)
+        if token_mask is not None:
+            x = x * token_mask
+
+        # 3. input-dependent step size and B, C
+        time_step, B, C = torch.split(
+            self.x_proj(x.transpose(1, 2)), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+        )  # (B, L, R), (B, L, N), (B, L, N)
+        if self.config.mamba_inner_layernorms:
+            time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
+        time_step = F.linear(time_step, self.dt_proj.weight).transpose(1, 2)  # (B, D, L); the bias goes to the scan
+        A = -torch.exp(self.A_log.float())  # (D, N)
+
+        # 4. selective scan (or one recurrent step when decoding)
+        if decoding:
+            y = selective_state_update(
+                cache.ssm_states[self.layer_idx], x[..., 0], time_step[..., 0], A, B[:, 0], C[:, 0],
+                D=self.D, z=z[..., 0], dt_bias=self.dt_proj.bias, dt_softplus=True, backend=backend,
+            )[..., None]
+        else:
+            scan_out = selective_scan(
+                x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D, z=z,
+                delta_bias=self.dt_proj.bias, delta_softplus=True,
+                initial_state=cache.ssm_states[self.layer_idx] if cache is not None else None,
+                seq_idx=seq_idx, return_final_state=cache is not None, backend=backend,
+            )
+            if cache is not None:
+                y, ssm_state = scan_out
+                cache.update_mamba_state(self.layer_idx, conv_state, ssm_state)
+            else:
+                y = scan_out
+
+        # 5. output projection
+        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+
+class HybridLMMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)). Also one expert of a mixture."""
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HybridLMTopKRouter(nn.Module):
+    """Softmax router. Returns router logits (T, E), top-K weights (T, K) and expert indices (T, K)."""
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor):
+        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+class HybridLMSparseMoeBlock(nn.Module):
+    """Mixture of SwiGLU experts with top-K routing and no token dropping.
+
+    Each expert is an `HybridLMMLP` (so adapters such as LoRA attach to every expert projection), and
+    runs once on the tokens routed to it.
+    """
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.router = HybridLMTopKRouter(config)
+        self.experts = nn.ModuleList([HybridLMMLP(config) for _ in range(config.num_experts)])
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, H) -> (B, L, H) and the router logits (B * L, E)."""
+        batch, length, hidden = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden)  # (T, H)
+        router_logits, top_k_weights, top_k_index = self.router(tokens)
+        # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
+        flat_expert = top_k_index.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // top_k_index.shape[1]
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        routed = tokens[token_of]
+        weights = top_k_weights.reshape(-1)[order, None]
+        output = torch.zeros_like(tokens)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                stop = start + count
+                output.index_add_(0, token_of[start:stop], expert(routed[start:stop]) * weights[start:stop])
+                start = stop
+        return output.reshape(batch, length, hidden), router_logits
+
+
+# ----------------------------------------------------------------------------- decoder layers
+
+
+class HybridLMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + feed_forward(norm(x)) when the layer has one."""
+
+    mixer_attribute: str
+
+    def __init__(self, config: HybridLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        feed_forward = config.feed_forward_type(layer_idx)
+        if feed_forward != "none":
+            self.pre_ff_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.feed_forward = HybridLMSparseMoeBlock(config) if feed_forward == "moe" else HybridLMMLP(config)
+        self.is_moe = feed_forward == "moe"
+
+    def mix(self, hidden_states, attention_mask, token_mask, position_embeddings, past_key_values, seq_idx,
+            output_attentions, **kwargs):
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: HybridLMCache | None = None,
+        seq_idx: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ):
+        """Returns (hidden_states (B, L, H), router logits (B * L, E) or None, attention weights or None)."""
+        residual = hidden_states
+        hidden_states, attention_weights = self.mix(
+            self.input_layernorm(hidden_states), attention_mask, token_mask, position_embeddings,
+            past_key_values, seq_idx, output_attentions, **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        router_logits = None
+        if hasattr(self, "feed_forward"):
+            residual = hidden_states
+            hidden_states = self.feed_forward(self.pre_ff_layernorm(hidden_states))
+            if self.is_moe:
+                hidden_states, router_logits = hidden_states
+            hidden_states = residual + hidden_states
+        return hidden_states, router_logits, attention_weights
+
+
+class HybridLMAttentionDecoderLayer(HybridLMDecoderLayer):
+    def __init__(self, config: HybridLMConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = HybridLMAttention(config, layer_idx)
+
+    def mix(self, hidden_states, attention_mask, token_mask, position_embeddings, past_key_values, seq_idx,
+            output_attentions, **kwargs):
+        return self.self_attn(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+            past_key_values=past_key_values, output_attentions=output_attentions, **kwargs,
+        )
+
+
+class HybridLMMambaDecoderLayer(HybridLMDecoderLayer):
+    def __init__(self, config: HybridLMConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.mamba = HybridLMMambaMixer(config, layer_idx)
+
+    def mix(self, hidden_states, attention_mask, token_mask, position_embeddings, past_key_values, seq_idx,
+            output_attentions, **kwargs):
+        return self.mamba(hidden_states, token_mask, past_key_values, seq_idx), None
+
+
+DECODER_LAYER_CLASSES = {"attention": HybridLMAttentionDecoderLayer, "mamba": HybridLMMambaDecoderLayer}
+
+
+# ----------------------------------------------------------------------------- masks and positions
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) positions that restart at 0 per packed document -> (B, L) document ids, or None if unpacked."""
+    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    return (position_ids == 0).cumsum(-1)
+
+
+def build_attention_mask(
+    padding_mask: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    batch: int,
+    query_length: int,
+    past_length: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, 1, L, S) bool mask, True where query i (position past_length + i) may attend key j.
+
+    Combines causality, padding (padding_mask (B, S), 1 = token), packed documents (seq_idx (B, L); the
+    cached keys count as the first document of the chunk) and the sliding window. A query that may attend
+    nothing (a padded row) attends everything instead, so no softmax row is empty; its output is unused.
+    """
+    total = past_length + query_length
+    query_pos = torch.arange(past_length, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    mask = key_pos <= query_pos  # (L, S)
+    if sliding_window is not None:
+        mask = mask & (query_pos - key_pos < sliding_window)
+    mask = mask[None, None].expand(batch, 1, query_length, total)
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, :].bool()
+    if seq_idx is not None:
+        key_doc = torch.cat([seq_idx[:, :1].expand(-1, past_length), seq_idx], dim=1)
+        mask = mask & (seq_idx[:, None, :, None] == key_doc[:, None, None, :])
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- pretrained base
+
+
+class HybridLMPreTrainedModel(PreTrainedModel):
+    config_class = HybridLMConfig
+    config: HybridLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridLMAttentionDecoderLayer", "HybridLMMambaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["A_log", "D", "dt_proj.bias"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, HybridLMRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, HybridLMTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, HybridLMRotaryEmbedding):
+            inv_freq, _ = module.compute_inv_freq(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+        if isinstance(module, HybridLMMambaMixer):
+            self._init_mamba(module)
+
+    def _init_mamba(self, module: HybridLMMambaMixer):
+        """Mamba's initialisation: S4D-real A, unit D, dt_proj scaled by dt_rank, and a dt bias whose softplus
+        is log-uniform in [mamba_dt_min, mamba_dt_max]."""
+        config = self.config
+        d_inner, d_state = module.intermediate_size, module.ssm_state_size
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=module.A_log.device).expand(d_inner, -1)
+        init.copy_(module.A_log, torch.log(A))
+        init.ones_(module.D)
+        init.uniform_(module.dt_proj.weight, -(module.time_step_rank**-0.5), module.time_step_rank**-0.5)
+        log_min, log_max = torch.log(torch.tensor(config.mamba_dt_min)), torch.log(torch.tensor(config.mamba_dt_max))
+        dt = torch.exp(torch.rand(d_inner) * (log_max - log_min) + log_min).clamp(min=config.mamba_dt_init_floor)
+        init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model brings its own HybridLMCache
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, then a strict check: a backbone tensor that is missing, unexpected or of
+        the wrong shape means the weights do not belong to this config, which is an error, not a warning."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if "size mismatch" in str(error) or "shape" in str(error):
+                raise ValueError(f"the checkpoint's weights do not match its config: {error}") from error
+            raise
+        _check_loading_info(model, info)
+        return (model, info) if wants_info else model
+
+
+_BACKBONE_PREFIXES = ("embed_tokens.", "layers.", "final_layernorm.")
+_LOADING_PROBLEMS = {
+    "mismatched_keys": "has a different shape in the checkpoint than the config implies",
+    "missing_keys": "is missing from the checkpoint",
+    "unexpected_keys": "is in the checkpoint but the config has no such tensor",
+}
+
+
+def _check_loading_info(model: HybridLMPreTrainedModel, info: dict) -> None:
+    """Raises on the first backbone tensor that does not fit; task heads may be new (fine-tuning)."""
+    for kind, problem in _LOADING_PROBLEMS.items():
+        keys = sorted((k for k in info.get(kind) or [] if _is_backbone_key(_key_name(k))), key=str)
+        if keys:
+            raise ValueError(
+                f"the checkpoint's weights do not match its config: {_describe(keys[0])} {problem} "
+                f"({len(keys)} such tensors). Check num_hidden_layers, hidden_size, the layer plan "
+                "(layers_block_type, layers_num_experts) and the Mamba sizes in config.json."
+            )
+
+
+def _is_backbone_key(name: str) -> bool:
+    name = name.removeprefix("model.")
+    return name.startswith(_BACKBONE_PREFIXES)
+
+
+def _key_name(key) -> str:
+    return key[0] if isinstance(key, tuple) else str(key)
+
+
+def _describe(key) -> str:
+    if isinstance(key, tuple) and len(key) == 3:
+        return f"tensor '{key[0]}' (checkpoint {tuple(key[1])}, model {tuple(key[2])})"
+    return f"tensor '{_key_name(key)}'"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class HybridLMModel(HybridLMPreTrainedModel):
+    """The decoder stack: embeddings, `num_hidden_layers` decoder layers, final RMSNorm."""
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            DECODER_LAYER_CLASSES[kind](config, layer_idx=i) for i, kind in enumerate(config.layers_block_type)
+        )
+        self.final_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = HybridLMRotaryEmbedding(config) if config.use_rope else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridLMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        """
+        input_ids: (B, L) token ids, or inputs_embeds: (B, L, H).
+        attention_mask: (B, S) with 1 for tokens and 0 for padding, covering cached and new positions.
+        position_ids: (B, L). Positions that restart at 0 inside a row mark packed documents (the
+            convention of transformers' `DataCollatorWithFlattening`): attention stays inside each
+            document and the Mamba conv/SSM states restart at each boundary.
+        past_key_values: a `HybridLMCache` returned by an earlier call (created when `use_cache`).
+        """
+        config = self.config
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False.")
+            use_cache = False
+
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        batch, length, _ = inputs_embeds.shape
+        if length == 0:
+            raise ValueError("the input has no tokens (sequence length 0); pass at least one token per row")
+
+        if past_key_values is not None:
+            if not isinstance(past_key_values, HybridLMCache):
+                raise TypeError(
+                    f"past_key_values must be a HybridLMCache returned by this model, got {type(past_key_values).__name__}"
+                )
+            past_key_values.check_compatible(config)
+        elif use_cache:
+            past_key_values = HybridLMCache(config)
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        padding_mask = self._check_attention_mask(attention_mask, batch, past_length + length)
+        token_mask = padding_mask[:, -length:] if padding_mask is not None else None
+        seq_idx = document_ids(position_ids) if position_ids is not None else None
+        if position_ids is None:
+            if padding_mask is not None:
+                position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+                position_ids = position_ids.expand(batch, -1)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
+        attention_mask_4d = self._attention_mask(padding_mask, seq_idx, position_ids, batch, length, past_length,
+                                                 inputs_embeds.device, output_attentions)
+        # flash attention finds packed documents in position_ids; the other implementations get them in the mask
+        uses_flash = "flash" in (config._attn_implementation or "")
+        layer_kwargs = {"position_ids": position_ids} if uses_flash else {}
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_router_logits = ()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            is_attention = isinstance(layer, HybridLMAttentionDecoderLayer)
+            hidden_states, router_logits, attention_weights = layer(
+                hidden_states,
+                attention_mask=attention_mask_4d if is_attention else None,
+                token_mask=token_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=cache,
+                seq_idx=seq_idx,
+                output_attentions=output_attentions,
+                **layer_kwargs,
+            )
+            if router_logits is not None:
+                all_router_logits += (router_logits,)
+            if output_attentions and is_attention:
+                all_attentions += (attention_weights,)
+        hidden_states = self.final_layernorm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.advance(length)
+
+        output = MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            router_logits=all_router_logits,  # one (B * L, E) tensor per MoE layer
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _embed(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            return inputs_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = high if high >= self.config.vocab_size else low
+                raise ValueError(
+                    f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size - 1}]; "
+                    "check that the tokenizer matches the model (config.vocab_size) or resize the embeddings"
+                )
+        return self.embed_tokens(input_ids)
+
+    @staticmethod
+    def _check_attention_mask(attention_mask, batch, total_length):
+        """Validates a 2D padding mask; returns it, or None when it masks nothing."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != total_length:
+            raise ValueError(
+                f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {total_length}), got "
+                f"{tuple(attention_mask.shape)}; it covers every position seen so far, with 1 for tokens and "
+                "0 for padding"
+            )
+        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            return None
+        return attention_mask
+
+    def _attention_mask(self, padding_mask, seq_idx, position_ids, batch, length, past_length, device,
+                        output_attentions):
+        """The mask handed to the attention layers, in the form their implementation wants."""
+        implementation = self.config._attn_implementation or "eager"
+        if "flash" in implementation and not output_attentions:
+            return padding_mask  # (B, S) or None; packed documents are read from position_ids
+        needs_mask = (
+            padding_mask is not None
+            or seq_idx is not None
+            or self.config.sliding_window is not None
+            or implementation == "eager"
+            or output_attentions
+            or past_length > 0
+        )
+        if not needs_mask or length == 1 and padding_mask is None and self.config.sliding_window is None:
+            return None  # sdpa's built-in causal mask (or a single query that sees every key)
+        return build_attention_mask(padding_mask, seq_idx, batch, length, past_length, self.config.sliding_window,
+                                    device)
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                        token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch Transformer load-balancing loss over all MoE layers, padding excluded.
+
+    router_logits: one (T, E) tensor per MoE layer, T = B * L; token_mask: (B, L), 1 = token.
+    Returns num_experts * sum_e (fraction of assignments to e) * (mean router probability of e),
+    both averaged over the real tokens of all layers.
+    """
+    device = router_logits[0].device
+    weight = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
+    assigned = torch.zeros(num_experts, device=device)
+    probability = torch.zeros(num_experts, device=device)
+    total = 0.0
+    for logits in router_logits:
+        probs = F.softmax(logits.to(device).float(), dim=-1)  # (T, E)
+        chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(1).float()  # (T, E)
+        if weight is not None:
+            probs, chosen = probs * weight[:, None], chosen * weight[:, None]
+            total = total + weight.sum()
+        else:
+            total = total + probs.shape[0]
+        assigned = assigned + chosen.sum(0)
+        probability = probability + probs.sum(0)
+    return num_experts * torch.sum((assigned / total) * (probability / total))
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None) -> torch.Tensor:
+    """ST-MoE z-loss: mean over real tokens and MoE layers of logsumexp(router logits)^2."""
+    device = router_logits[0].device
+    weight = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
+    losses = []
+    for logits in router_logits:
+        z = torch.logsumexp(logits.to(device).float(), dim=-1) ** 2  # (T,)
+        losses.append((z * weight).sum() / weight.sum() if weight is not None else z.mean())
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class HybridLMCausalLMOutput(MoeCausalLMOutputWithPast):
+    """MoeCausalLMOutputWithPast plus the router z-loss (`z_loss`) when it is computed."""
+
+    z_loss: torch.FloatTensor | None = None
+
+
+class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
+    """HybridLMModel with a language-modelling head.
+
+    The loss is the next-token cross-entropy (labels of -100 ignored). In training mode, and whenever
+    `output_router_logits` is on, the MoE regularisers are added to it: `router_aux_loss_coef` times
+    the load-balancing loss (returned as `aux_loss`) and `router_z_loss_coef` times the z-loss (`z_loss`);
+    both ignore padded tokens.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__(config)
+        self.model = HybridLMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridLMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> HybridLMCausalLMOutput:
+        """See `HybridLMModel.forward`. labels: (B, L) next-token targets (shifted inside), -100 = ignore.
+        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices."""
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != (outputs.last_hidden_state.shape[0], outputs.last_hidden_state.shape[1]):
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(outputs.last_hidden_state.shape[:2])}, "
+                    f"got {tuple(labels.shape)}"
+                )
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits for every position; leave logits_to_keep at 0 with labels")
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = z_loss = None
+        router_logits = outputs.router_logits
+        if router_logits and (output_router_logits or (self.training and labels is not None)):
+            length = outputs.last_hidden_state.shape[1]
+            token_mask = attention_mask[:, -length:] if attention_mask is not None else None
+            aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
+                                           self.config.num_experts_per_tok, token_mask)
+            if self.config.router_z_loss_coef > 0:
+                z_loss = router_z_loss(router_logits, token_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                if z_loss is not None:
+                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+
+        output = HybridLMCausalLMOutput(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=router_logits if output_router_logits else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets a HybridLMCache (transformers' own caches cannot hold Mamba states here)."""
+        cache = model_kwargs.get("past_key_values")
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by HybridLM, "
+                "which always decodes with its own HybridLMCache; leave cache_implementation unset"
+            )
+        if cache is not None:
+            if not isinstance(cache, HybridLMCache):
+                raise TypeError(
+                    f"past_key_values must be a HybridLMCache returned by this model, got {type(cache).__name__}"
+                )
+            cache.check_compatible(self.config)
+            cache._is_user_defined = True
+        elif generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = HybridLMCache(self.config)
+
+
+class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
+    """HybridLMModel with a linear head on the last real token of each row (left or right padding).
+
+    The last real token comes from `attention_mask` when given, else from `config.pad_token_id`.
+    """
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = HybridLMModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridLMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, L, H)
+        batch, length = hidden_states.shape[:2]
+        last = self._last_token_index(input_ids, attention_mask, batch, length, hidden_states.device)
+        logits = self.score(hidden_states[torch.arange(batch, device=hidden_states.device), last])  # (B, labels)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        output = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _last_token_index(self, input_ids, attention_mask, batch, length, device) -> torch.Tensor:
+        positions = torch.arange(length, device=device)
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(device) != self.config.pad_token_id
+        else:
+            if batch > 1 and input_ids is None:
+                logger.warning_once("no attention_mask or pad_token_id: classifying on the last position of each row")
+            return torch.full((batch,), length - 1, device=device)
+        # rightmost real token; rows without any fall back to the last position
+        last = torch.where(real, positions, -1).max(dim=-1).values
+        return torch.where(last >= 0, last, length - 1)
+
+
+__all__ = [
+    "HybridLMPreTrainedModel",
+    "HybridLMModel",
+    "HybridLMForCausalLM",
+    "HybridLMForSequenceClassification",
+]

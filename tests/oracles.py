@@ -1,0 +1,63 @@
+"""Independent, deliberately naive references: one Python step per time step, float64.
+
+They share no code with hybrid_lm; tests compare the package's ops against them.
+Shape legend: B = batch, D = channels, L = length, N = d_state, K = conv width.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                              initial_state=None, seq_idx=None):
+    """u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L). Returns (out (B, D, L), final state (B, D, N))."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, channels, length = u.shape
+    h = initial_state.double() if initial_state is not None else u.new_zeros(batch, channels, A.shape[1])
+    ys = []
+    for t in range(length):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None, None]
+            h = h * keep
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h
+
+
+def causal_conv1d_sequential(x, weight, bias=None, initial_state=None, seq_idx=None, activation=None):
+    """x: (B, D, L); weight: (D, K). Returns (out (B, D, L), last K - 1 inputs of the last document)."""
+    x, weight = x.double(), weight.double()
+    batch, channels, length = x.shape
+    width = weight.shape[1]
+    history = [initial_state.double()[..., k] if initial_state is not None else x.new_zeros(batch, channels)
+               for k in range(width - 1)]
+    history_doc = [seq_idx[:, 0] if seq_idx is not None else None] * (width - 1)
+    outs = []
+    for t in range(length):
+        window = history[-(width - 1):] + [x[..., t]] if width > 1 else [x[..., t]]
+        docs = history_doc[-(width - 1):] + [seq_idx[:, t] if seq_idx is not None else None] if width > 1 else [None]
+        out = x.new_zeros(batch, channels)
+        for k in range(width):
+            contribution = window[k] * weight[:, k]
+            if seq_idx is not None:
+                contribution = contribution * (docs[k] == seq_idx[:, t]).double()[:, None]
+            out = out + contribution
+        if bias is not None:
+            out = out + bias.double()
+        outs.append(F.silu(out) if activation == "silu" else out)
+        history.append(x[..., t])
+        history_doc.append(seq_idx[:, t] if seq_idx is not None else None)
+    final = torch.stack(history[-(width - 1):], dim=-1) if width > 1 else x[..., :0]
+    if seq_idx is not None and width > 1:
+        final_docs = torch.stack(history_doc[-(width - 1):], dim=-1)
+        final = final * (final_docs == seq_idx[:, -1:])[:, None].double()
+    return torch.stack(outs, dim=-1), final
