@@ -6,6 +6,13 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 LAYER_TYPES = ("attention", "mamba")
+# Written into every saved config.json, so trust_remote_code finds each Auto class in the copied code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_hybrid_lm.HybridLMConfig",
+    "AutoModel": "modeling_hybrid_lm.HybridLMModel",
+    "AutoModelForCausalLM": "modeling_hybrid_lm.HybridLMForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_hybrid_lm.HybridLMForSequenceClassification",
+}
 KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
@@ -134,6 +141,8 @@ class HybridLMConfig(PreTrainedConfig):
         self.layers_block_type = self._resolve_block_types()
         self.layers_num_experts = self._resolve_num_experts()
         super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
         self._validate_options()
 
     # ------------------------------------------------------------------ validation

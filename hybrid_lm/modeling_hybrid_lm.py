@@ -562,15 +562,12 @@ class HybridLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """transformers' loader, then a strict check: a backbone tensor that is missing, unexpected or of
-        the wrong shape means the weights do not belong to this config, which is an error, not a warning."""
+        the wrong shape means the weights do not belong to this config, which is an error naming the
+        first such tensor, not a warning. Task heads may be new (fine-tuning a classifier)."""
         wants_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        except RuntimeError as error:
-            if "size mismatch" in str(error) or "shape" in str(error):
-                raise ValueError(f"the checkpoint's weights do not match its config: {error}") from error
-            raise
-        _check_loading_info(model, info)
+        shapes_may_differ = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        _check_loading_info(model, info, check_shapes=not shapes_may_differ)
         return (model, info) if wants_info else model
 
 
@@ -582,9 +579,11 @@ _LOADING_PROBLEMS = {
 }
 
 
-def _check_loading_info(model: HybridLMPreTrainedModel, info: dict) -> None:
+def _check_loading_info(model: HybridLMPreTrainedModel, info: dict, check_shapes: bool) -> None:
     """Raises on the first backbone tensor that does not fit; task heads may be new (fine-tuning)."""
     for kind, problem in _LOADING_PROBLEMS.items():
+        if kind == "mismatched_keys" and not check_shapes:
+            continue
         keys = sorted((k for k in info.get(kind) or [] if _is_backbone_key(_key_name(k))), key=str)
         if keys:
             raise ValueError(
