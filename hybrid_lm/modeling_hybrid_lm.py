@@ -675,6 +675,14 @@ class HybridLMModel(HybridLMPreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
 
         padding_mask = self._check_attention_mask(attention_mask, batch, past_length + length)
+        if position_ids is not None and position_ids.shape != (batch, length):
+            if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == length:
+                position_ids = position_ids.expand(batch, -1)
+            else:
+                raise ValueError(
+                    f"position_ids must have shape (batch, new tokens) = ({batch}, {length}), got "
+                    f"{tuple(position_ids.shape)}"
+                )
         token_mask = padding_mask[:, -length:] if padding_mask is not None else None
         seq_idx = document_ids(position_ids) if position_ids is not None else None
         if position_ids is None:
@@ -928,6 +936,24 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             router_logits=router_logits if output_router_logits else None,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' `generate`, after checking the prompt: it must have at least one token, and an
+        `attention_mask` must have the prompt's shape (1 = token, 0 = padding; pad on the left)."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(input_ids, torch.Tensor) and kwargs.get("inputs_embeds") is None:
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(
+                    f"generate needs a non-empty prompt of shape (batch, length), got {tuple(input_ids.shape)}; "
+                    "start from at least one token (e.g. the tokenizer's bos_token_id)"
+                )
+            if attention_mask is not None and attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have shape (batch, cached + new tokens) = {tuple(input_ids.shape)}, the "
+                    f"prompt's shape, got {tuple(attention_mask.shape)}"
+                )
+        return super().generate(inputs, generation_config, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a HybridLMCache (transformers' own caches cannot hold Mamba states here)."""

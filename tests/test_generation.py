@@ -1,0 +1,172 @@
+"""generate() in every mode a transformers user reaches for, against the invariants that must hold."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import JambaForCausalLM, Trainer, TrainingArguments
+
+import hybrid_lm
+from builders import tiny_config, tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conversion"))
+from convert import convert  # noqa: E402
+from test_conversion import jamba_folder  # noqa: E402
+
+NO_EOS = dict(eos_token_id=None, bos_token_id=None)
+LAYOUTS = {
+    "hybrid": {},
+    "all-mamba": dict(layers_block_type=["mamba"] * 4),
+    "all-attention": dict(layers_block_type=["attention"] * 4, use_rope=True, sliding_window=6),
+}
+
+
+def prompt(batch=2, length=9, seed=0, vocab=97):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, input_ids, n=12, **kwargs):
+    return model.generate(input_ids, max_new_tokens=n, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_incremental_decoding_equals_one_full_forward(layout):
+    model = tiny_model(**LAYOUTS[layout])
+    input_ids = prompt(length=14)
+    full = model(input_ids).logits
+    out = model(input_ids[:, :5], use_cache=True)  # prefill, then one token at a time
+    steps = [out.logits]
+    cache = out.past_key_values
+    for t in range(5, 14):
+        out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefill_in_chunks_equals_one_shot(layout):
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    input_ids = prompt(length=13)
+    expected = greedy(model, input_ids)
+    for chunk in (1, 4, 5, 13, 20):
+        torch.testing.assert_close(greedy(model, input_ids, prefill_chunk_size=chunk), expected, msg=str(chunk))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_left_padded_batch_generates_what_each_row_generates_alone(layout):
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    rows = [prompt(1, 4, seed=1)[0], prompt(1, 9, seed=2)[0], prompt(1, 6, seed=3)[0]]
+    width = max(len(r) for r in rows) + 2  # even the longest row is padded
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        attention_mask[i, width - len(row):] = 1
+    batch = greedy(model, input_ids, attention_mask=attention_mask)
+    for i, row in enumerate(rows):
+        alone = greedy(model, row[None])
+        torch.testing.assert_close(batch[i, width:], alone[0, len(row):], msg=f"row {i}")
+    # a single row padded to a longer length
+    single = greedy(model, input_ids[:1], attention_mask=attention_mask[:1])
+    torch.testing.assert_close(single[0, width:], greedy(model, rows[0][None])[0, len(rows[0]):])
+
+
+@pytest.mark.parametrize("num_beams", [3, 5])
+@pytest.mark.parametrize("layout", ["hybrid", "all-mamba"])
+def test_beam_search_with_cache_equals_without(num_beams, layout):
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    input_ids = prompt(length=6)
+    kwargs = dict(num_beams=num_beams, num_return_sequences=2, max_new_tokens=8, do_sample=False,
+                  return_dict_in_generate=True, output_scores=True)
+    cached = model.generate(input_ids, **kwargs)
+    uncached = model.generate(input_ids, use_cache=False, **kwargs)
+    torch.testing.assert_close(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_with_a_seed_is_reproducible():
+    model = tiny_model(**NO_EOS)
+    input_ids = prompt()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(model.generate(input_ids, do_sample=True, top_k=20, temperature=0.9, max_new_tokens=10,
+                                   num_return_sequences=3))
+    torch.testing.assert_close(runs[0], runs[1])
+    assert runs[0].shape == (6, 19)
+
+
+def test_generation_continues_from_a_returned_cache():
+    model = tiny_model(**NO_EOS)
+    input_ids = prompt()
+    first = model.generate(input_ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(first.past_key_values, hybrid_lm.HybridLMCache)
+    continued = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=6,
+                               do_sample=False)
+    torch.testing.assert_close(continued, greedy(model, input_ids, n=11))
+
+
+def test_streamer_receives_every_new_token():
+    class Collect:
+        def __init__(self):
+            self.values = []
+
+        def put(self, value):
+            self.values.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.values.append("end")
+
+    model = tiny_model(**NO_EOS)
+    streamer = Collect()
+    out = model.generate(prompt(batch=1), max_new_tokens=4, do_sample=False, streamer=streamer)
+    assert streamer.values[0] == prompt(batch=1)[0].tolist()
+    assert [v[0] for v in streamer.values[1:-1]] == out[0, 9:].tolist()
+    assert streamer.values[-1] == "end"
+
+
+def test_greedy_generation_equals_transformers_jamba(tmp_path):
+    src = jamba_folder(tmp_path / "jamba", layout="1:3")
+    reference = JambaForCausalLM.from_pretrained(src).eval()
+    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(convert(src, tmp_path / "hybrid", verify=False)).eval()
+    input_ids = prompt(length=7, vocab=101)
+    kwargs = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch.testing.assert_close(model.generate(input_ids, **kwargs), reference.generate(input_ids, **kwargs))
+
+
+def test_bad_input_gets_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model.generate(prompt(), attention_mask=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
+    other = hybrid_lm.HybridLMForCausalLM(tiny_config(num_hidden_layers=2))
+    _, cache = other(prompt(), use_cache=True).to_tuple()[:2]
+    with pytest.raises(ValueError, match="different model"):
+        model.generate(prompt(), past_key_values=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(prompt(), cache_implementation="static", max_new_tokens=2)
+
+
+def test_trainer_evaluate_with_compute_metrics(tmp_path):
+    model = tiny_model()
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            ids = prompt(batch=1, length=10, seed=i)[0]
+            return {"input_ids": ids, "labels": ids}
+
+    def accuracy(prediction):
+        logits, labels = prediction.predictions, prediction.label_ids
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return {"accuracy": float((logits[:, :-1].argmax(-1) == labels[:, 1:]).mean())}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    metrics = Trainer(model=model, args=args, eval_dataset=Tokens(), compute_metrics=accuracy).evaluate()
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert np.isfinite(metrics["eval_loss"])
