@@ -31,6 +31,7 @@ from transformers.utils import logging
 
 from .cache_hybrid_lm import HybridLMCache
 from .configuration_hybrid_lm import HybridLMConfig
+from .hub_hybrid_lm import push_folder_to_hub
 from .mamba_ops import (
     causal_conv1d,
     causal_conv1d_update,
@@ -192,6 +193,16 @@ class HybridLMAttention(nn.Module):
 # ----------------------------------------------------------------------------- Mamba mixer
 
 
+class HybridLMTimeStepProjection(nn.Linear):
+    """dt_proj: a Linear whose forward leaves out the bias, which the scan adds in float32 before the softplus.
+
+    Being a module call (not a bare `weight @ x`) lets adapters such as LoRA wrap it like any projection.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class HybridLMMambaMixer(nn.Module):
     """The Jamba Mamba-1 mixer: in_proj -> causal conv -> selective scan (gated by silu(z)) -> out_proj.
 
@@ -221,7 +232,7 @@ class HybridLMMambaMixer(nn.Module):
             padding=self.conv_kernel_size - 1, bias=config.mamba_conv_bias,
         )
         self.x_proj = nn.Linear(d_inner, rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(rank, d_inner, bias=True)
+        self.dt_proj = HybridLMTimeStepProjection(rank, d_inner, bias=True)
         self.dt_proj.bias = nn.Parameter(torch.zeros(d_inner, dtype=torch.float32))
         # S4D-real initialisation: A = -(1, 2, ..., N) for every channel
         A = torch.arange(1, d_state + 1, dtype=torch.float32).expand(d_inner, -1).contiguous()
@@ -288,7 +299,7 @@ class HybridLMMambaMixer(nn.Module):
         )  # (B, L, R), (B, L, N), (B, L, N)
         if self.config.mamba_inner_layernorms:
             time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
-        time_step = F.linear(time_step, self.dt_proj.weight).transpose(1, 2)  # (B, D, L); the bias goes to the scan
+        time_step = self.dt_proj(time_step).transpose(1, 2)  # (B, D, L); the bias goes to the scan
         A = -torch.exp(self.A_log.float())  # (D, N)
 
         # 4. selective scan (or one recurrent step when decoding)
@@ -515,6 +526,13 @@ class HybridLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _is_stateful = True
+    # Every projection an adapter (LoRA) should reach: attention, the Mamba mixer and the MLP / experts.
+    # The Mamba mixer calls each of them as a module, so a wrapped projection is never bypassed.
+    lora_target_modules = (
+        "q_proj", "k_proj", "v_proj", "o_proj",
+        "in_proj", "x_proj", "dt_proj", "out_proj",
+        "gate_proj", "up_proj", "down_proj",
+    )
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -558,6 +576,11 @@ class HybridLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model brings its own HybridLMCache
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Uploads the model (weights, config, code for trust_remote_code) with a generated model card: the layer
+        plan and the total and active-per-token parameter counts. Takes transformers' `push_to_hub` options."""
+        return push_folder_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
