@@ -80,3 +80,48 @@ def test_lora_reaches_the_mamba_projections_and_merges_exactly():
         unmerged = lora(input_ids).logits
         merged = lora.merge_and_unload()(input_ids).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Fixed random blocks of token ids (a language model can still lower its loss on them)."""
+
+    def __init__(self, n=24, length=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.blocks = torch.randint(1, 20, (n, length), generator=g)  # a small alphabet: learnable statistics
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def trainer_for(model, output_dir, max_steps, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
+        logging_steps=1, save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, data_seed=0,
+        lr_scheduler_type="constant", disable_tqdm=True, **overrides,
+    )
+    return Trainer(model=model, args=args, train_dataset=TokenBlocks(), eval_dataset=TokenBlocks(n=8, seed=1))
+
+
+def logged_losses(trainer):
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+def test_trainer_lowers_the_loss_and_resumes_on_the_same_curve(tmp_path):
+    before = trainer_for(tiny_model(), tmp_path / "a", 6).evaluate()["eval_loss"]
+    full = trainer_for(tiny_model(), tmp_path / "a", 6)
+    full.train()
+    after = full.evaluate()["eval_loss"]
+    assert after < before
+    losses = logged_losses(full)
+    assert losses[6] < losses[1]
+
+    resumed = trainer_for(tiny_model(seed=7), tmp_path / "b", 6)  # other init: the checkpoint must overwrite it
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    resumed_losses = logged_losses(resumed)
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-4, abs=1e-5), step
