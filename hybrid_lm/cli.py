@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .configuration_hybrid_lm import HybridLMConfig
-from .tokenization_hybrid_lm import DEFAULT_SPECIAL_TOKENS, NUM_BYTES, train_tokenizer
+from .tokenization_hybrid_lm import DEFAULT_SPECIAL_TOKENS, NUM_BYTES, check_input_files, train_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -113,6 +113,7 @@ def _train_tokenizer_command(args: argparse.Namespace) -> None:
     output = Path(args.output).resolve()
     holds_tokenizer = _check_output(output, args.overwrite)
     try:
+        check_input_files(args.input)
         tokenizer = train_tokenizer(
             args.input,
             vocab_size=args.vocab_size,

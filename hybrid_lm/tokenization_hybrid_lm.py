@@ -280,7 +280,12 @@ def train_tokenizer(
         paths = list(files_or_iterator)
         if not paths:
             raise ValueError("files_or_iterator is an empty list; give at least one input file")
-        check_input_files(paths)
+        try:
+            check_input_files(paths)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error} (a list of strings is read as file paths: to train on in-memory text, pass iter(texts))"
+            ) from None
         texts = _read_utf8(paths, encoding_errors)
         num_blocks = sum(max(1, -(-os.path.getsize(path) // READ_BLOCK_BYTES)) for path in paths)
         logger.info(f"training a {vocab_size}-token tokenizer on {len(paths)} file(s)")

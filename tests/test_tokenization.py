@@ -243,6 +243,11 @@ def test_non_utf8_file_names_file_line_and_byte(tmp_path, monkeypatch, block_byt
     assert replaced.decode(replaced.encode("caf\ufffd"), skip_special_tokens=True) == "caf\ufffd"
 
 
+def test_a_list_of_texts_is_read_as_paths_and_the_error_says_so():
+    with pytest.raises(FileNotFoundError, match=r"'some text' does not exist.*pass iter\(texts\)"):
+        train_tokenizer(["some text"], vocab_size=300, show_progress=False)
+
+
 def test_files_and_iterators_train_alike(corpus_file):
     from_file = train_tokenizer(corpus_file, vocab_size=400, show_progress=False)
     from_text = train_tokenizer(iter([corpus_file.read_text(encoding="utf-8")]), vocab_size=400, show_progress=False)
