@@ -177,7 +177,7 @@ def _resolve_special_tokens(special_tokens: Mapping[str, str] | None) -> dict[st
     return tokens
 
 
-def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+def _check_int_at_least(name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} ({value!r}) must be an integer >= {minimum}")
 
@@ -266,9 +266,9 @@ def train_tokenizer(
     directories or unreadable, all before training starts (UTF-8 errors surface as the file is read).
     """
     tokens = _resolve_special_tokens(special_tokens)
-    _check_positive_int("vocab_size", vocab_size, minimum=NUM_BYTES + len(tokens) + 1)
-    _check_positive_int("min_frequency", min_frequency, minimum=0)
-    _check_positive_int("model_max_length", model_max_length)
+    _check_int_at_least("vocab_size", vocab_size, minimum=NUM_BYTES + len(tokens) + 1)
+    _check_int_at_least("min_frequency", min_frequency, minimum=0)
+    _check_int_at_least("model_max_length", model_max_length, minimum=1)
     if encoding_errors not in ("strict", "replace"):
         raise ValueError(f"encoding_errors ({encoding_errors!r}) must be 'strict' or 'replace'")
 

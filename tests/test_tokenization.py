@@ -153,6 +153,15 @@ def test_byte_level_has_no_unknown_token(tokenizer):
     assert tokenizer.decode(tokenizer.encode(every_byte, add_special_tokens=False)) == every_byte
 
 
+def test_untrained_tokenizer_is_the_byte_alphabet():
+    untrained = HybridLMTokenizer()
+    assert len(untrained) == 3 + 256
+    text = "2024 😀\r\n"
+    ids = untrained.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode())
+    assert untrained.decode(ids) == text
+
+
 # ----------------------------------------------------------------------------- special tokens, bos/eos
 
 
