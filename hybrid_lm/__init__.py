@@ -8,6 +8,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
 )
 
 from .cache_hybrid_lm import HybridLMCache
@@ -18,6 +19,7 @@ from .modeling_hybrid_lm import (
     HybridLMModel,
     HybridLMPreTrainedModel,
 )
+from .tokenization_hybrid_lm import HybridLMTokenizer, train_tokenizer
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ AutoConfig.register(HybridLMConfig.model_type, HybridLMConfig, exist_ok=True)
 AutoModel.register(HybridLMConfig, HybridLMModel, exist_ok=True)
 AutoModelForCausalLM.register(HybridLMConfig, HybridLMForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HybridLMConfig, HybridLMForSequenceClassification, exist_ok=True)
+AutoTokenizer.register(HybridLMConfig, tokenizer_class=HybridLMTokenizer, exist_ok=True)
 
 # save_pretrained writes `auto_map` and copies the model files, so trust_remote_code=True loads a
 # checkpoint on a machine without this package.
@@ -32,6 +35,7 @@ HybridLMConfig.register_for_auto_class()
 HybridLMModel.register_for_auto_class("AutoModel")
 HybridLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 HybridLMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+HybridLMTokenizer.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
     "HybridLMCache",
@@ -40,4 +44,6 @@ __all__ = [
     "HybridLMForSequenceClassification",
     "HybridLMModel",
     "HybridLMPreTrainedModel",
+    "HybridLMTokenizer",
+    "train_tokenizer",
 ]
