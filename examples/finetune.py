@@ -127,7 +127,7 @@ def main(argv=None):
         output_dir=str(args.output_dir), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation,
         learning_rate=args.learning_rate or (2e-4 if args.lora else 2e-5), lr_scheduler_type="cosine",
-        warmup_ratio=0.05, logging_steps=10, save_steps=args.save_steps, save_total_limit=2, report_to=[],
+        warmup_steps=0.05, logging_steps=10, save_steps=args.save_steps, save_total_limit=2, report_to=[],
         bf16=on_gpu, use_cpu=not on_gpu, seed=args.seed, remove_unused_columns=False,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,

@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--corpus", type=Path, help="a text file or a folder of .py/.txt/.md files (default: stdlib)")
     parser.add_argument("--corpus-mb", type=float, default=2.0, help="read at most this many MB of text")
     parser.add_argument("--output-dir", type=Path, default=Path("output/quickstart"))
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -69,7 +69,7 @@ class Blocks(torch.utils.data.Dataset):
 
     def __init__(self, documents, tokenizer, seq_len):
         stream = []
-        for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids + [tokenizer.eos_token_id])
         n_blocks = len(stream) // seq_len
         if n_blocks == 0:

@@ -170,3 +170,17 @@ def test_trainer_evaluate_with_compute_metrics(tmp_path):
     metrics = Trainer(model=model, args=args, eval_dataset=Tokens(), compute_metrics=accuracy).evaluate()
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert np.isfinite(metrics["eval_loss"])
+
+
+def test_stop_strings_end_generation_where_the_text_appears():
+    tokenizer = hybrid_lm.train_tokenizer(iter(["def add(a, b):\n    return a + b  # 12\n"] * 50), vocab_size=300,
+                                          show_progress=False)
+    model = tiny_model(vocab_size=len(tokenizer), **NO_EOS)
+    input_ids = tokenizer("def", return_tensors="pt").input_ids
+    free = greedy(model, input_ids, n=25)[0, input_ids.shape[1]:]
+    pieces = [tokenizer.decode(t) for t in free]
+    index = next(i for i, p in enumerate(pieces) if i >= 3 and p.strip())  # a visible piece a few tokens in
+    stop = pieces[index].strip()
+    first = next(i for i in range(len(pieces)) if stop in "".join(pieces[: i + 1]))
+    stopped = greedy(model, input_ids, n=25, stop_strings=[stop], tokenizer=tokenizer)[0, input_ids.shape[1]:]
+    torch.testing.assert_close(stopped, free[: first + 1])
