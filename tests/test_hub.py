@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import CommitOperationAdd
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hybrid_lm
 from builders import run_without_package, tiny_model
@@ -52,10 +52,13 @@ def hub(monkeypatch, tmp_path):
 
 def test_push_to_hub_uploads_a_loadable_folder_with_a_model_card(hub, tmp_path):
     hub, commits = hub
-    model = tiny_model()
+    tokenizer = hybrid_lm.train_tokenizer(iter(["x = 12 + 30\n"] * 20), vocab_size=280, show_progress=False)
+    model = tiny_model(vocab_size=len(tokenizer))
     model.push_to_hub("someone/tiny-hybrid", tags=["demo"])
+    tokenizer.push_to_hub("someone/tiny-hybrid")
 
-    assert len(commits) == 1
+    assert len(commits) == 2
+    assert {"tokenizer.json", "tokenizer_config.json", "tokenization_hybrid_lm.py"} <= set(commits[1])
     files = set(commits[0])
     assert {"config.json", "model.safetensors", "README.md", "modeling_hybrid_lm.py",
             "configuration_hybrid_lm.py"} <= files
@@ -70,18 +73,24 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_model_card(hub, tmp_path):
     assert total - active == 2 * (4 - 2) * per_expert  # two MoE layers, 2 of 4 experts idle per token
     assert f"{total:,}" in card and f"{active:,}" in card
 
-    input_ids = torch.randint(1, 97, (2, 8))
-    expected = model(input_ids).logits
-    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(hub)(input_ids).logits, expected)
-    torch.save({"ids": input_ids, "logits": expected}, tmp_path / "expected.pt")
+    assert model.config.layer_plan() in (hub / "README.md").read_text()  # the tokenizer push kept the card
+
+    input_ids = tokenizer(["x = 1", "y = 12 + 3"], return_tensors="pt", padding=True)
+    expected = model(**input_ids).logits
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(hub)(**input_ids).logits, expected)
+    assert AutoTokenizer.from_pretrained(hub)("y = 12 + 3")["input_ids"] == tokenizer("y = 12 + 3")["input_ids"]
+    torch.save({"logits": expected}, tmp_path / "expected.pt")
     out = run_without_package(
         f"""
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(hub)!r}, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained({str(hub)!r}, trust_remote_code=True)
+        inputs = tokenizer(["x = 1", "y = 12 + 3"], return_tensors="pt", padding=True)
         expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
-        print("DIFF", (model(expected["ids"]).logits - expected["logits"]).abs().max().item())
+        print("DIFF", (model(**inputs).logits - expected["logits"]).abs().max().item(), type(tokenizer).__name__)
         """,
         tmp_path,
     )
     assert float(out.split("DIFF")[1].split()[0]) == 0.0
+    assert "HybridLMTokenizer" in out
