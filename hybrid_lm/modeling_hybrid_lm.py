@@ -10,7 +10,6 @@ N = d_state, R = dt rank, E = experts, K = experts per token, nh / nkv = query /
 hd = head dim.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
@@ -31,7 +29,15 @@ from transformers.utils import logging
 
 from .cache_hybrid_lm import HybridLMCache
 from .configuration_hybrid_lm import HybridLMConfig
+from .feed_forward_hybrid_lm import (
+    HybridLMMLP,
+    HybridLMSparseMoeBlock,
+    HybridLMTopKRouter,
+    load_balancing_loss,
+    router_z_loss,
+)
 from .hub_hybrid_lm import push_folder_to_hub
+from .masking_hybrid_lm import build_attention_mask, document_ids
 from .mamba_ops import (
     causal_conv1d,
     causal_conv1d_update,
@@ -325,76 +331,6 @@ class HybridLMMambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
 
 
-# ----------------------------------------------------------------------------- feed-forward
-
-
-class HybridLMMLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)). Also one expert of a mixture."""
-
-    def __init__(self, config: HybridLMConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class HybridLMTopKRouter(nn.Module):
-    """Softmax router. Returns router logits (T, E), top-K weights (T, K) and expert indices (T, K)."""
-
-    def __init__(self, config: HybridLMConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-
-    def forward(self, hidden_states: torch.Tensor):
-        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
-        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
-
-
-class HybridLMSparseMoeBlock(nn.Module):
-    """Mixture of SwiGLU experts with top-K routing and no token dropping.
-
-    Each expert is an `HybridLMMLP` (so adapters such as LoRA attach to every expert projection), and
-    runs once on the tokens routed to it.
-    """
-
-    def __init__(self, config: HybridLMConfig):
-        super().__init__()
-        self.num_experts = config.num_experts
-        self.router = HybridLMTopKRouter(config)
-        self.experts = nn.ModuleList([HybridLMMLP(config) for _ in range(config.num_experts)])
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, H) -> (B, L, H) and the router logits (B * L, E)."""
-        batch, length, hidden = hidden_states.shape
-        tokens = hidden_states.reshape(-1, hidden)  # (T, H)
-        router_logits, top_k_weights, top_k_index = self.router(tokens)
-        # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
-        flat_expert = top_k_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        token_of = order // top_k_index.shape[1]
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        routed = tokens[token_of]
-        weights = top_k_weights.reshape(-1)[order, None]
-        output = torch.zeros_like(tokens)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                stop = start + count
-                output.index_add_(0, token_of[start:stop], expert(routed[start:stop]) * weights[start:stop])
-                start = stop
-        return output.reshape(batch, length, hidden), router_logits
-
-
 # ----------------------------------------------------------------------------- decoder layers
 
 
@@ -469,46 +405,6 @@ class HybridLMMambaDecoderLayer(HybridLMDecoderLayer):
 
 
 DECODER_LAYER_CLASSES = {"attention": HybridLMAttentionDecoderLayer, "mamba": HybridLMMambaDecoderLayer}
-
-
-# ----------------------------------------------------------------------------- masks and positions
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """(B, L) positions that restart at 0 per packed document -> (B, L) document ids, or None if unpacked."""
-    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
-        return None
-    return (position_ids == 0).cumsum(-1)
-
-
-def build_attention_mask(
-    padding_mask: torch.Tensor | None,
-    seq_idx: torch.Tensor | None,
-    batch: int,
-    query_length: int,
-    past_length: int,
-    sliding_window: int | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """(B, 1, L, S) bool mask, True where query i (position past_length + i) may attend key j.
-
-    Combines causality, padding (padding_mask (B, S), 1 = token), packed documents (seq_idx (B, L); the
-    cached keys count as the first document of the chunk) and the sliding window. A query that may attend
-    nothing (a padded row) attends everything instead, so no softmax row is empty; its output is unused.
-    """
-    total = past_length + query_length
-    query_pos = torch.arange(past_length, total, device=device)[:, None]
-    key_pos = torch.arange(total, device=device)[None, :]
-    mask = key_pos <= query_pos  # (L, S)
-    if sliding_window is not None:
-        mask = mask & (query_pos - key_pos < sliding_window)
-    mask = mask[None, None].expand(batch, 1, query_length, total)
-    if padding_mask is not None:
-        mask = mask & padding_mask[:, None, None, :].bool()
-    if seq_idx is not None:
-        key_doc = torch.cat([seq_idx[:, :1].expand(-1, past_length), seq_idx], dim=1)
-        mask = mask & (seq_idx[:, None, :, None] == key_doc[:, None, None, :])
-    return mask | ~mask.any(dim=-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- pretrained base
@@ -821,43 +717,6 @@ class HybridLMModel(HybridLMPreTrainedModel):
             return None  # sdpa's built-in causal mask (or a single query that sees every key)
         return build_attention_mask(padding_mask, seq_idx, batch, length, past_length, self.config.sliding_window,
                                     device)
-
-
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
-                        token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Switch Transformer load-balancing loss over all MoE layers, padding excluded.
-
-    router_logits: one (T, E) tensor per MoE layer, T = B * L; token_mask: (B, L), 1 = token.
-    Returns num_experts * sum_e (fraction of assignments to e) * (mean router probability of e),
-    both averaged over the real tokens of all layers.
-    """
-    device = router_logits[0].device
-    weight = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
-    assigned = torch.zeros(num_experts, device=device)
-    probability = torch.zeros(num_experts, device=device)
-    total = 0.0
-    for logits in router_logits:
-        probs = F.softmax(logits.to(device).float(), dim=-1)  # (T, E)
-        chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(1).float()  # (T, E)
-        if weight is not None:
-            probs, chosen = probs * weight[:, None], chosen * weight[:, None]
-            total = total + weight.sum()
-        else:
-            total = total + probs.shape[0]
-        assigned = assigned + chosen.sum(0)
-        probability = probability + probs.sum(0)
-    return num_experts * torch.sum((assigned / total) * (probability / total))
-
-
-def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None) -> torch.Tensor:
-    """ST-MoE z-loss: mean over real tokens and MoE layers of logsumexp(router logits)^2."""
-    device = router_logits[0].device
-    weight = token_mask.reshape(-1).to(device, torch.float32) if token_mask is not None else None
-    losses = []
-    for logits in router_logits:
-        z = torch.logsumexp(logits.to(device).float(), dim=-1) ** 2  # (T,)
-        losses.append((z * weight).sum() / weight.sum() if weight is not None else z.mean())
-    return torch.stack(losses).mean()
 
 
 @dataclass
