@@ -20,6 +20,7 @@ import hybrid_lm
 import hybrid_lm.tokenization_hybrid_lm as tokenization
 from hybrid_lm import HybridLMConfig, HybridLMTokenizer, train_tokenizer
 from hybrid_lm.cli import main
+from builders import run_without_package
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -352,37 +353,27 @@ def test_auto_tokenizer_loads_with_the_package(tokenizer, tmp_path):
     assert model.config.vocab_size == len(tokenizer)
 
 
-REMOTE_SCRIPT = r"""
-import json, sys
-try:
-    import hybrid_lm
-except ImportError:
-    pass
-else:
-    sys.exit("hybrid_lm is importable here; the test needs a machine without the package")
-from transformers import AutoModelForCausalLM, AutoTokenizer
-result = {}
-for directory in sys.argv[2:]:
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
-    result[directory] = {"class": type(tokenizer).__module__ + "." + type(tokenizer).__name__,
-                         "ids": tokenizer(sys.argv[1])["input_ids"],
-                         "decoded": tokenizer.decode(tokenizer(sys.argv[1])["input_ids"], skip_special_tokens=True)}
-model = AutoModelForCausalLM.from_pretrained(sys.argv[-1], trust_remote_code=True)
-result["model"] = type(model).__module__ + "." + type(model).__name__
-print(json.dumps(result))
-"""
-
-
 def test_trust_remote_code_loads_without_the_package(tokenizer, tmp_path):
     tokenizer_dir, model_dir = tmp_path / "tokenizer", tmp_path / "model"
     tokenizer.save_pretrained(tokenizer_dir)
     save_with_model(tokenizer, model_dir)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    # -I: no PYTHONPATH, no user site, no current directory on sys.path; cwd is outside the repository too
-    run = subprocess.run([sys.executable, "-I", "-c", REMOTE_SCRIPT, SAMPLE, str(tokenizer_dir), str(model_dir)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_without_package(
+        f"""
+        import json
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        result = {{}}
+        for directory in {[str(tokenizer_dir), str(model_dir)]!r}:
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+            ids = tokenizer({SAMPLE!r})["input_ids"]
+            result[directory] = {{"class": type(tokenizer).__module__ + "." + type(tokenizer).__name__,
+                                 "ids": ids, "decoded": tokenizer.decode(ids, skip_special_tokens=True)}}
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+        result["model"] = type(model).__module__ + "." + type(model).__name__
+        print(json.dumps(result))
+        """,
+        tmp_path,
+    )
+    result = json.loads(out.strip().splitlines()[-1])
     for directory in (tokenizer_dir, model_dir):
         loaded = result[str(directory)]
         assert loaded["class"].startswith("transformers_modules.")
