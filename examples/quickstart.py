@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--corpus", type=Path, help="a text file or a folder of .py/.txt/.md files (default: stdlib)")
     parser.add_argument("--corpus-mb", type=float, default=2.0, help="read at most this many MB of text")
     parser.add_argument("--output-dir", type=Path, default=Path("output/quickstart"))
-    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--max-steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
