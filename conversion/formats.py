@@ -1,0 +1,551 @@
+"""The checkpoint families convert.py reads and writes: one `SourceFormat` or `TargetFormat` entry each.
+
+A source format says how to recognise its config.json, how that config maps onto `HybridLMConfig` (refusing
+what hybrid_lm cannot compute the same way), how its tensor names map onto hybrid_lm's (a declarative
+`KeyMap` with `{layer}` / `{expert}` / `{name}` placeholders), and which transformers model is the oracle
+for verification. A target format says which config.json to write and which class loads the result.
+
+    source    config.json                    oracle                       refuses
+    jamba     JambaConfig                    JambaForCausalLM             hidden_act other than silu
+    mamba     MambaConfig                    MambaForCausalLM             hidden_act other than silu
+    mamba_ssm state-spaces d_model/n_layer   MambaForCausalLM, same       LayerNorm, Mamba-2, attention layers,
+                                             weights                      GatedMLP blocks
+    mixtral   MixtralConfig                  MixtralForCausalLM           1 expert, partial/dynamic RoPE
+    llama     LlamaConfig                    LlamaForCausalLM             partial/dynamic RoPE
+    hybrid_lm HybridLMConfig (--to jamba)    HybridLMForCausalLM          (see jamba_export_config)
+"""
+
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from checkpoint_io import ConversionError, ConversionWarning, PickleWeights, SafetensorsWeights
+from hybrid_lm import HybridLMConfig, HybridLMForCausalLM
+
+Weights = SafetensorsWeights | PickleWeights
+TensorPairs = Iterator[tuple[str, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------- key maps
+
+
+class KeyMap:
+    """Renames source tensors by rules `{source pattern: target}`, first match wins.
+
+    Patterns are literal key names with placeholders: `{layer}` and `{expert}` match a number, `{name}` any
+    dotted remainder; a string target reuses the placeholders. A target of None drops the tensor (buffers
+    older checkpoints saved); a callable target gets the placeholder values and the tensor and yields
+    (key, tensor) pairs (splitting merged expert tensors).
+    """
+
+    PLACEHOLDERS = {"layer": r"(?P<layer>\d+)", "expert": r"(?P<expert>\d+)", "name": r"(?P<name>.+)"}
+
+    def __init__(self, rules: dict[str, str | Callable[[dict, torch.Tensor], TensorPairs] | None]):
+        self.rules = [(self._compile(pattern), target) for pattern, target in rules.items()]
+
+    @classmethod
+    def _compile(cls, pattern: str) -> re.Pattern:
+        parts = re.split(r"\{(\w+)\}", pattern)  # literal, placeholder, literal, ...
+        regex = "".join(cls.PLACEHOLDERS[part] if i % 2 else re.escape(part) for i, part in enumerate(parts))
+        return re.compile(regex)
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> TensorPairs | None:
+        """The renamed (key, tensor) pairs, or None when no rule knows `key`."""
+        for pattern, target in self.rules:
+            match = pattern.fullmatch(key)
+            if match is None:
+                continue
+            if target is None:
+                return iter(())
+            if callable(target):
+                return target(match.groupdict(), tensor)
+            return iter([(target.format(**match.groupdict()), tensor)])
+        return None
+
+
+def split_gate_up(target_prefix: str) -> Callable[[dict, torch.Tensor], TensorPairs]:
+    """Target for a merged (E, 2I, H) `gate_up_proj`: per expert, rows [0, I) are the gate, [I, 2I) the up
+    projection (transformers' merged expert layout for Mixtral and Jamba)."""
+
+    def split(groups: dict, tensor: torch.Tensor) -> TensorPairs:
+        prefix = target_prefix.format(**groups)
+        for expert, weight in enumerate(tensor):
+            gate, up = weight.chunk(2, dim=0)
+            yield f"{prefix}.{expert}.gate_proj.weight", gate
+            yield f"{prefix}.{expert}.up_proj.weight", up
+
+    return split
+
+
+def split_down(target_prefix: str) -> Callable[[dict, torch.Tensor], TensorPairs]:
+    """Target for a merged (E, H, I) `down_proj`: one (H, I) weight per expert."""
+
+    def split(groups: dict, tensor: torch.Tensor) -> TensorPairs:
+        prefix = target_prefix.format(**groups)
+        for expert, weight in enumerate(tensor):
+            yield f"{prefix}.{expert}.down_proj.weight", weight
+
+    return split
+
+
+EXPERTS = "model.layers.{layer}.feed_forward.experts"
+
+# hybrid_lm's own names; Jamba's on-disk names are the same, its in-memory layout merges the experts
+HYBRID_LM_KEYS = KeyMap({"{name}": "{name}"})
+JAMBA_KEYS = KeyMap({
+    f"{EXPERTS}.gate_up_proj": split_gate_up(EXPERTS),
+    f"{EXPERTS}.down_proj": split_down(EXPERTS),
+    "{name}": "{name}",
+})
+
+_MAMBA_BLOCKS = {
+    "backbone.layers.{layer}.norm.weight": "model.layers.{layer}.input_layernorm.weight",
+    "backbone.layers.{layer}.mixer.{name}": "model.layers.{layer}.mamba.{name}",
+    "backbone.norm_f.weight": "model.final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+MAMBA_KEYS = KeyMap({"backbone.embeddings.weight": "model.embed_tokens.weight", **_MAMBA_BLOCKS})
+MAMBA_SSM_EMBEDDING = "backbone.embedding.weight"
+MAMBA_SSM_KEYS = KeyMap({MAMBA_SSM_EMBEDDING: "model.embed_tokens.weight", **_MAMBA_BLOCKS})
+
+_TRANSFORMER_BLOCKS = {
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+    "model.layers.{layer}.self_attn.rotary_emb.inv_freq": None,
+    "model.layers.{layer}.self_attn.{name}": "model.layers.{layer}.self_attn.{name}",
+    "model.layers.{layer}.input_layernorm.weight": "model.layers.{layer}.input_layernorm.weight",
+    "model.layers.{layer}.post_attention_layernorm.weight": "model.layers.{layer}.pre_ff_layernorm.weight",
+    "model.norm.weight": "model.final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+LLAMA_KEYS = KeyMap({**_TRANSFORMER_BLOCKS, "model.layers.{layer}.mlp.{name}": "model.layers.{layer}.feed_forward.{name}"})
+MIXTRAL_KEYS = KeyMap({
+    **_TRANSFORMER_BLOCKS,
+    # on disk (transformers 4 and 5): one tensor per expert, w1 = gate, w3 = up, w2 = down
+    "model.layers.{layer}.block_sparse_moe.gate.weight": "model.layers.{layer}.feed_forward.router.weight",
+    "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight": EXPERTS + ".{expert}.gate_proj.weight",
+    "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight": EXPERTS + ".{expert}.up_proj.weight",
+    "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight": EXPERTS + ".{expert}.down_proj.weight",
+    # in memory (transformers 5 state_dict): merged experts
+    "model.layers.{layer}.mlp.gate.weight": "model.layers.{layer}.feed_forward.router.weight",
+    "model.layers.{layer}.mlp.experts.gate_up_proj": split_gate_up(EXPERTS),
+    "model.layers.{layer}.mlp.experts.down_proj": split_down(EXPERTS),
+})
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def _normalised(config_class: type, source: dict) -> dict:
+    """`source` completed by transformers' own config class: defaults for absent fields, legacy RoPE keys
+    (`rope_theta`, `rope_scaling`) folded into `rope_parameters`, `head_dim` resolved."""
+    try:
+        return config_class.from_dict(dict(source)).to_dict()
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"config.json is not a valid {config_class.__name__}: {error}") from error
+
+
+def _picked(source: dict, names: tuple[str, ...]) -> dict:
+    return {name: source[name] for name in names if name in source}
+
+
+def _require_silu(source: dict, family: str) -> None:
+    if source.get("hidden_act", "silu") != "silu":
+        raise ConversionError(
+            f"hidden_act is {source['hidden_act']!r}: {family} applies it in the Mamba conv, hybrid_lm always uses "
+            "silu there; only hidden_act='silu' converts exactly"
+        )
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _rope_fields(source: dict) -> dict:
+    """use_rope + rope_parameters for hybrid_lm; refuses RoPE variants hybrid_lm would compute differently."""
+    rope = dict(source.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConversionError(
+            f"rope_type {rope_type!r} is not supported (hybrid_lm computes {list(SUPPORTED_ROPE_TYPES)} exactly; "
+            "'dynamic' and 'longrope' rescale with the sequence length at run time)"
+        )
+    partial = rope.get("partial_rotary_factor", source.get("partial_rotary_factor")) or 1.0
+    if partial != 1.0:
+        raise ConversionError(
+            f"partial_rotary_factor is {partial}: hybrid_lm rotates the whole head (partial RoPE is not supported)"
+        )
+    if "rope_theta" not in rope:
+        raise ConversionError("the RoPE settings have no rope_theta; add it to rope_parameters in config.json")
+    return {"use_rope": True, "rope_parameters": rope}
+
+
+_SKIPPED_FIELDS = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype",
+                   "layers_block_type", "layers_num_experts"}
+
+
+def _shared_fields(source: dict) -> dict:
+    """Fields of the source config that HybridLMConfig has too, with the same name and meaning."""
+    known = set(HybridLMConfig.__dataclass_fields__) - _SKIPPED_FIELDS
+    return {k: v for k, v in source.items() if k in known}
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def jamba_config(source: dict, weights: Weights) -> HybridLMConfig:
+    jamba = _normalised(transformers.JambaConfig, source)
+    _require_silu(jamba, "Jamba")
+    return HybridLMConfig(**_shared_fields(jamba), mamba_inner_layernorms=True, use_rope=False, norm_topk_prob=False)
+
+
+_PURE_MAMBA = dict(num_experts=1, num_experts_per_tok=1, intermediate_size=0, num_attention_heads=1,
+                   num_key_value_heads=1, mamba_inner_layernorms=False)
+
+
+def mamba_config(source: dict, weights: Weights) -> HybridLMConfig:
+    """All layers Mamba without feed-forward blocks or Jamba's inner norms. MambaConfig's residual_in_fp32 is
+    dropped: it only changes low-precision runs (hybrid_lm keeps the residual in the model dtype)."""
+    mamba = _normalised(transformers.MambaConfig, source)
+    _require_silu(mamba, "Mamba")
+    layers = mamba["num_hidden_layers"]
+    return HybridLMConfig(
+        **_PURE_MAMBA,
+        **_picked(mamba, ("vocab_size", "hidden_size", "num_hidden_layers", "initializer_range", "use_cache",
+                          "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")),
+        layers_block_type=["mamba"] * layers,
+        layers_num_experts=[0] * layers,
+        rms_norm_eps=mamba["layer_norm_epsilon"],
+        mamba_d_state=mamba["state_size"],
+        mamba_d_conv=mamba["conv_kernel"],
+        mamba_expand=mamba["expand"],
+        mamba_dt_rank=mamba["time_step_rank"],
+        mamba_conv_bias=mamba["use_conv_bias"],
+        mamba_proj_bias=mamba["use_bias"],
+        mamba_dt_min=mamba["time_step_min"],
+        mamba_dt_max=mamba["time_step_max"],
+        mamba_dt_init_floor=mamba["time_step_floor"],
+    )
+
+
+def mamba_ssm_as_mamba(source: dict, weights: Weights) -> dict:
+    """A transformers MambaConfig dict for a state-spaces `MambaLMHeadModel` config.json.
+
+    The vocabulary is the embedding's row count (the checkpoint pads `vocab_size` up to a multiple of
+    `pad_vocab_size_multiple`); the norm epsilon is mamba_ssm's fixed 1e-5. Refuses what neither hybrid_lm
+    nor the transformers oracle expresses: LayerNorm, Mamba-2 layers, attention layers, and the GatedMLP
+    blocks of `d_intermediate > 0` (left unmapped: transformers' Mamba, the verification oracle, has none).
+    """
+    for name in ("d_model", "n_layer", "vocab_size"):
+        if not isinstance(source.get(name), int):
+            raise ConversionError(f"config.json has no integer {name!r}; is SRC a state-spaces mamba_ssm folder?")
+    ssm = source.get("ssm_cfg") or {}
+    if not source.get("rms_norm", True):
+        raise ConversionError("rms_norm is false: this Mamba uses LayerNorm, hybrid_lm has RMSNorm only")
+    if ssm.get("layer", "Mamba1") != "Mamba1":
+        raise ConversionError(
+            f"ssm_cfg.layer is {ssm['layer']!r}: hybrid_lm implements Mamba-1 layers only (Mamba-2 is not supported)"
+        )
+    if source.get("attn_layer_idx"):
+        raise ConversionError(
+            f"attn_layer_idx is {source['attn_layer_idx']}: mamba_ssm's attention layers (fused Wqkv, own rotary "
+            "settings) are not mapped; only pure Mamba checkpoints convert"
+        )
+    if (source.get("d_intermediate") or 0) > 0:
+        raise ConversionError(
+            f"d_intermediate is {source['d_intermediate']}: mamba_ssm's GatedMLP blocks are not mapped (transformers' "
+            "Mamba, the verification oracle, has no MLP); only d_intermediate = 0 converts"
+        )
+    embedding = weights.shape(MAMBA_SSM_EMBEDDING)
+    if embedding is None:
+        raise ConversionError(f"the weights have no {MAMBA_SSM_EMBEDDING!r}; is SRC a state-spaces mamba_ssm folder?")
+    if embedding[0] < source["vocab_size"]:
+        raise ConversionError(
+            f"{MAMBA_SSM_EMBEDDING} has {embedding[0]} rows but vocab_size is {source['vocab_size']}; "
+            "the weights and the config disagree"
+        )
+    return dict(
+        model_type="mamba",
+        vocab_size=embedding[0],
+        hidden_size=source["d_model"],
+        num_hidden_layers=source["n_layer"],
+        state_size=ssm.get("d_state", 16),
+        conv_kernel=ssm.get("d_conv", 4),
+        expand=ssm.get("expand", 2),
+        time_step_rank=ssm.get("dt_rank", "auto"),
+        use_bias=ssm.get("bias", False),
+        use_conv_bias=ssm.get("conv_bias", True),
+        time_step_min=ssm.get("dt_min", 0.001),
+        time_step_max=ssm.get("dt_max", 0.1),
+        time_step_floor=ssm.get("dt_init_floor", 1e-4),
+        layer_norm_epsilon=1e-5,
+        residual_in_fp32=source.get("residual_in_fp32", True),
+        tie_word_embeddings=source.get("tie_embeddings", True),
+    )
+
+
+def mamba_ssm_config(source: dict, weights: Weights) -> HybridLMConfig:
+    return mamba_config(mamba_ssm_as_mamba(source, weights), weights)
+
+
+_TRANSFORMER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+                       "initializer_range", "attention_dropout", "use_cache", "tie_word_embeddings", "pad_token_id",
+                       "bos_token_id", "eos_token_id")
+
+
+def llama_config(source: dict, weights: Weights) -> HybridLMConfig:
+    """All layers attention + dense SwiGLU MLP, with the source's RoPE; Llama has no sliding window."""
+    llama = _normalised(transformers.LlamaConfig, source)
+    layers = llama["num_hidden_layers"]
+    return HybridLMConfig(
+        **_picked(llama, _TRANSFORMER_FIELDS + ("attention_bias", "mlp_bias")),
+        **_rope_fields(llama),
+        layers_block_type=["attention"] * layers,
+        layers_num_experts=[1] * layers,
+        num_experts=1,
+        num_experts_per_tok=1,
+    )
+
+
+def mixtral_config(source: dict, weights: Weights) -> HybridLMConfig:
+    """All layers attention + mixture of experts with renormalised top-K weights, the source's RoPE and sliding
+    window. router_jitter_noise only acts in training: it is dropped with a warning."""
+    mixtral = _normalised(transformers.MixtralConfig, source)
+    if mixtral["num_local_experts"] < 2:
+        raise ConversionError(
+            f"num_local_experts is {mixtral['num_local_experts']}: hybrid_lm stores a one-expert layer as a dense "
+            "MLP without router; convert it as a Llama-style model instead"
+        )
+    if mixtral.get("router_jitter_noise"):
+        warnings.warn(
+            f"router_jitter_noise ({mixtral['router_jitter_noise']}) is dropped: it only perturbs routing in training, "
+            "and hybrid_lm has no such option",
+            ConversionWarning,
+            stacklevel=2,
+        )
+    return HybridLMConfig(
+        **_picked(mixtral, _TRANSFORMER_FIELDS + ("sliding_window", "num_experts_per_tok", "router_aux_loss_coef",
+                                                  "output_router_logits")),
+        **_rope_fields(mixtral),
+        layers_block_type=["attention"] * mixtral["num_hidden_layers"],
+        num_experts=mixtral["num_local_experts"],
+        expert_layer_period=1,
+        expert_layer_offset=0,
+        norm_topk_prob=True,
+    )
+
+
+def hybrid_lm_config(source: dict, weights: Weights) -> HybridLMConfig:
+    try:
+        return HybridLMConfig.from_dict(dict(source))
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"config.json is not a valid HybridLMConfig: {error}") from error
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def _from_pretrained(class_name: str) -> Callable[..., torch.nn.Module]:
+    """A loader for verification: `class_name` (transformers', or HybridLMForCausalLM) in float32."""
+
+    def load(folder: Path, source: dict | None = None) -> torch.nn.Module:
+        model_class = HybridLMForCausalLM if class_name == "HybridLMForCausalLM" else getattr(transformers, class_name)
+        return model_class.from_pretrained(folder, dtype=torch.float32)
+
+    return load
+
+
+def load_mamba_ssm_as_mamba(folder: Path, source: dict) -> torch.nn.Module:
+    """transformers' MambaForCausalLM with the mamba_ssm weights (`backbone.embedding` renamed `embeddings`)."""
+    weights = open_weights(folder, reads_pickle=True)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(**mamba_ssm_as_mamba(source, weights)))
+    state = {key.replace(MAMBA_SSM_EMBEDDING, "backbone.embeddings.weight"): tensor for key, tensor in weights}
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["backbone.embeddings.weight"]
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- the source table
+
+
+def _has_model_type(*model_types: str) -> Callable[[dict], bool]:
+    return lambda source: source.get("model_type") in model_types
+
+
+def _is_mamba_ssm(source: dict) -> bool:
+    return "model_type" not in source and {"d_model", "n_layer", "vocab_size"} <= set(source)
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """How one checkpoint family maps onto HybridLMConfig and hybrid_lm tensor names."""
+
+    name: str
+    recognises: Callable[[dict], bool]  # config.json -> is it this family?
+    build_config: Callable[[dict, Weights], HybridLMConfig]
+    keys: KeyMap
+    reference: Callable[[Path, dict], torch.nn.Module]  # SRC folder, its config.json -> float32 oracle
+    reads_pickle: bool = False  # pytorch_model.bin (mamba_ssm only); everything else is safetensors
+
+
+SOURCES = {
+    fmt.name: fmt
+    for fmt in (
+        SourceFormat("jamba", _has_model_type("jamba"), jamba_config, JAMBA_KEYS, _from_pretrained("JambaForCausalLM")),
+        SourceFormat("mamba", _has_model_type("mamba"), mamba_config, MAMBA_KEYS, _from_pretrained("MambaForCausalLM")),
+        SourceFormat("mamba_ssm", _is_mamba_ssm, mamba_ssm_config, MAMBA_SSM_KEYS, load_mamba_ssm_as_mamba,
+                     reads_pickle=True),
+        SourceFormat("mixtral", _has_model_type("mixtral"), mixtral_config, MIXTRAL_KEYS,
+                     _from_pretrained("MixtralForCausalLM")),
+        SourceFormat("llama", _has_model_type("llama"), llama_config, LLAMA_KEYS, _from_pretrained("LlamaForCausalLM")),
+        SourceFormat("hybrid_lm", _has_model_type("hybrid_lm"), hybrid_lm_config, HYBRID_LM_KEYS,
+                     _from_pretrained("HybridLMForCausalLM")),
+    )
+}
+
+
+def detect_source(source: dict) -> str:
+    for name, fmt in SOURCES.items():
+        if fmt.recognises(source):
+            return name
+    raise ConversionError(
+        f"unsupported model_type {source.get('model_type')!r} in config.json; supported: jamba, mamba, mixtral, "
+        "llama, hybrid_lm, and the state-spaces mamba_ssm layout (d_model, n_layer); or pass --from"
+    )
+
+
+def open_weights(folder: Path, reads_pickle: bool) -> Weights:
+    """The source tensors: safetensors, or (`reads_pickle`, mamba_ssm only) pytorch_model.bin when there is no
+    safetensors file."""
+    has_safetensors = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    if not reads_pickle or has_safetensors:
+        return SafetensorsWeights(folder)
+    if not (folder / "pytorch_model.bin").exists():
+        raise ConversionError(f"no weights in {folder} (expected pytorch_model.bin or model.safetensors)")
+    return PickleWeights(folder / "pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _period_rule(flags: list[bool], preferred: tuple[int, int]) -> tuple[int, int] | None:
+    """(period, offset) with `flags[i] == (i % period == offset)` for every layer, the preferred pair first;
+    None if no pair fits. A period past the last layer expresses "no layer"."""
+    candidates = [preferred] + [(p, o) for p in range(1, len(flags) + 2) for o in range(p)]
+    for period, offset in candidates:
+        if 0 <= offset < period and all((i % period == offset) == flag for i, flag in enumerate(flags)):
+            return period, offset
+    return None
+
+
+def _layers(indices: list[int]) -> str:
+    return f"layer{'s' if len(indices) > 1 else ''} {indices}"
+
+
+def jamba_export_config(config: HybridLMConfig) -> transformers.PreTrainedConfig:
+    """The JambaConfig of a hybrid_lm model, or a ConversionError listing every feature Jamba lacks.
+
+    Only settings that change what the model computes are refused; the router z-loss (training only) is
+    dropped with a warning.
+    """
+    kinds = config.layers_block_type
+    attention = [i for i, kind in enumerate(kinds) if kind == "attention"]
+    has_mamba = len(attention) < len(kinds)
+    counts = config.layers_num_experts
+    moe = [i for i, count in enumerate(counts) if count > 1]
+    problems = []
+    if attention:
+        if config.use_rope:
+            problems.append("RoPE (use_rope=True): Jamba's attention has no position encoding")
+        if config.sliding_window is not None:
+            problems.append(f"sliding-window attention (sliding_window={config.sliding_window})")
+        if config.attention_bias:
+            problems.append("attention biases (attention_bias=True)")
+        if config.head_dim * config.num_attention_heads != config.hidden_size:
+            problems.append(
+                f"head_dim {config.head_dim} != hidden_size / num_attention_heads "
+                f"({config.hidden_size} / {config.num_attention_heads})"
+            )
+    if has_mamba and not config.mamba_inner_layernorms:
+        problems.append("Mamba layers without the dt/B/C RMSNorms (mamba_inner_layernorms=False)")
+    if has_mamba and config.hidden_act != "silu":
+        problems.append(f"hidden_act {config.hidden_act!r} (Jamba applies it in the Mamba conv too; use 'silu')")
+    no_ff = [i for i, count in enumerate(counts) if count == 0]
+    if no_ff:
+        problems.append(f"layers without a feed-forward block ({_layers(no_ff)})")
+    if config.mlp_bias and len(no_ff) < len(counts):
+        problems.append("MLP biases (mlp_bias=True)")
+    if moe and config.norm_topk_prob:
+        problems.append("renormalised top-K router weights (norm_topk_prob=True)")
+    attn_rule = _period_rule([kind == "attention" for kind in kinds], (config.attn_layer_period,
+                                                                         config.attn_layer_offset))
+    if attn_rule is None:
+        problems.append(
+            f"attention at {_layers(attention)}, which no attn_layer_period / attn_layer_offset rule produces"
+        )
+    expert_rule = _period_rule([count > 1 for count in counts], (config.expert_layer_period,
+                                                                  config.expert_layer_offset))
+    if expert_rule is None:
+        problems.append(f"experts at {_layers(moe)}, which no expert_layer_period / expert_layer_offset rule produces")
+    if problems:
+        raise ConversionError(
+            "Jamba cannot express this model: " + "; ".join(problems) + ". Keep it in the hybrid_lm format."
+        )
+    if config.router_z_loss_coef > 0:
+        warnings.warn(
+            f"router_z_loss_coef ({config.router_z_loss_coef}) is dropped: Jamba has no router z-loss (training only)",
+            ConversionWarning,
+            stacklevel=2,
+        )
+    return transformers.JambaConfig(
+        **_picked(config.to_dict(), (
+            "vocab_size", "tie_word_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "hidden_act", "initializer_range", "rms_norm_eps",
+            "use_cache", "output_router_logits", "router_aux_loss_coef", "pad_token_id", "bos_token_id",
+            "eos_token_id", "max_position_embeddings", "attention_dropout", "num_experts_per_tok", "num_experts",
+            "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias", "mamba_proj_bias",
+        )),
+        attn_layer_period=attn_rule[0],
+        attn_layer_offset=attn_rule[1],
+        expert_layer_period=expert_rule[0],
+        expert_layer_offset=expert_rule[1],
+        architectures=["JambaForCausalLM"],
+    )
+
+
+@dataclass(frozen=True)
+class TargetFormat:
+    """What convert.py writes: its config.json (from the HybridLMConfig) and the class that loads the result."""
+
+    name: str
+    sources: tuple[str, ...]  # source formats it accepts
+    build_config: Callable[[HybridLMConfig], transformers.PreTrainedConfig]
+    load: Callable[[Path], torch.nn.Module]  # DST folder -> float32 model, for verification
+    writes_code: bool  # copy hybrid_lm's modeling files (trust_remote_code) next to the weights
+
+
+def _as_hybrid_lm(config: HybridLMConfig) -> HybridLMConfig:
+    config.architectures = ["HybridLMForCausalLM"]
+    return config
+
+
+TARGETS = {
+    "hybrid_lm": TargetFormat("hybrid_lm", ("jamba", "mamba", "mamba_ssm", "mixtral", "llama"), _as_hybrid_lm,
+                              _from_pretrained("HybridLMForCausalLM"), writes_code=True),
+    "jamba": TargetFormat("jamba", ("hybrid_lm",), jamba_export_config, _from_pretrained("JambaForCausalLM"),
+                          writes_code=False),
+}
+
+
+def keeps_float32(key: str) -> bool:
+    """Mamba's A_log, D and dt bias stay float32 whatever --dtype says (as hybrid_lm keeps them at run time)."""
+    return key.endswith(("A_log", ".D", "dt_proj.bias"))
+
+
+__all__ = ["SOURCES", "TARGETS", "SourceFormat", "TargetFormat", "KeyMap", "detect_source", "open_weights",
+           "keeps_float32"]
