@@ -20,7 +20,7 @@ from transformers import JambaConfig, JambaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conversion"))
 
-from convert import jamba_config, jamba_tensors  # noqa: E402
+from sources import JAMBA_KEYS, jamba_config  # noqa: E402
 
 from hybrid_lm import HybridLMForCausalLM  # noqa: E402
 
@@ -47,8 +47,8 @@ def main():
 
     torch.manual_seed(0)
     reference = JambaForCausalLM(JambaConfig(**CONFIG)).train()
-    model = HybridLMForCausalLM(jamba_config(reference.config.to_dict())).train()
-    state = dict(kv for key, value in reference.state_dict().items() for kv in jamba_tensors(key, value))
+    model = HybridLMForCausalLM(jamba_config(reference.config.to_dict(), weights=None)).train()
+    state = dict(kv for key, value in reference.state_dict().items() for kv in JAMBA_KEYS(key, value))
     model.load_state_dict(state)
     input_ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.length))
     tokens = args.batch * args.length

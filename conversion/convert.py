@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checkpoint_io import ConversionError, ConversionWarning, ShardWriter, read_json  # noqa: E402
-from formats import SOURCES, TARGETS, SourceFormat, TargetFormat, detect_source, keeps_float32, open_weights  # noqa: E402
+from sources import SOURCES, SourceFormat, detect_source, open_weights  # noqa: E402
+from targets import TARGETS, TargetFormat  # noqa: E402
 
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM  # noqa: E402
 
@@ -43,6 +44,11 @@ TOKENIZER_FILES = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 __all__ = ["ConversionError", "ConversionWarning", "convert", "main"]
+
+
+def keeps_float32(key: str) -> bool:
+    """Mamba's A_log, D and dt bias stay float32 whatever --dtype says (as hybrid_lm keeps them at run time)."""
+    return key.endswith(("A_log", ".D", "dt_proj.bias"))
 
 
 def expected_shapes(config: HybridLMConfig) -> dict[str, torch.Size]:
@@ -193,20 +199,29 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="source checkpoint folder")
     parser.add_argument("dst", help="new folder to create")
-    parser.add_argument("--from", dest="source_format", choices=sorted(SOURCES), help="source format (default: detect)")
+    parser.add_argument("--from", dest="source_format", choices=sorted(SOURCES),
+                        help="source format (default: detected from SRC/config.json)")
     parser.add_argument("--to", dest="target_format", choices=sorted(TARGETS), default="hybrid_lm",
                         help="output format (default hybrid_lm; jamba exports a hybrid_lm folder for Jamba servers)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype (A_log, D, dt bias stay float32)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the logit comparison (models too big to load twice)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="store weights in this dtype (A_log, D, dt bias stay float32)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the logit comparison (models too big to load twice)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (default 1e-4)")
-    parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="bytes per output shard (default 2 GiB)")
+    parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3,
+                        help="bytes per output shard (default 2 GiB)")
     args = parser.parse_args(argv)
-    try:
-        convert(args.src, args.dst, args.source_format, args.dtype, not args.no_verify, args.max_shard_size,
-                args.tolerance, args.target_format)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConversionWarning)
+        try:
+            convert(args.src, args.dst, args.source_format, args.dtype, not args.no_verify, args.max_shard_size,
+                    args.tolerance, args.target_format)
+        except ConversionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        finally:
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
     print(f"wrote {args.dst}")
     return 0
 

@@ -107,7 +107,8 @@ def mamba_ssm_folder(path: Path, vocab_size=97, multiple=8, seed=0, **overrides)
                                              expand=2, conv_kernel=4, layer_norm_epsilon=1e-5)).eval()
     perturb_(reference)
     path.mkdir()
-    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.clone() for k, v in reference.state_dict().items()}
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v.clone()
+             for k, v in reference.state_dict().items()}
     torch.save(state, path / "pytorch_model.bin")
     config = {
         "d_model": 32, "d_intermediate": 0, "n_layer": 3, "vocab_size": vocab_size,
@@ -272,7 +273,14 @@ def test_mixtral_conversion_matches_transformers_mixtral(tmp_path, merged_expert
     config = model.config
     assert config.norm_topk_prob and config.use_rope and config.sliding_window == 7
     assert config.layers_num_experts == [4, 4] and config.layers_block_type == ["attention"] * 2
-    assert_same_model(MixtralForCausalLM.from_pretrained(src).eval(), model)
+    reference = MixtralForCausalLM.from_pretrained(src).eval()
+    assert_same_model(reference, model)
+    input_ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the loss includes the router's load-balancing term, computed the same way
+        ref = reference(input_ids, labels=input_ids, use_cache=False, output_router_logits=True)
+        out = model(input_ids, labels=input_ids, use_cache=False, output_router_logits=True)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_mixtral_router_jitter_is_dropped_with_a_warning(tmp_path):
@@ -433,8 +441,12 @@ def test_missing_shard_and_unknown_tensor_are_refused(tmp_path):
     with pytest.raises(ConversionError, match="'model.layers.0.mamba.extra' .* has no place"):
         convert(src, tmp_path / "out")
     src_llama = llama_folder(tmp_path / "llama")
-    save_file({**load_file(src_llama / "model.safetensors"), "model.layers.0.mystery.weight": torch.zeros(1)},
-              src_llama / "model.safetensors", metadata={"format": "pt"})
+    weights = load_file(src_llama / "model.safetensors")
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # what old transformers 4 saved: dropped
+    save_file(weights, src_llama / "model.safetensors", metadata={"format": "pt"})
+    convert(src_llama, tmp_path / "llama-hybrid", verify=False)
+    save_file({**weights, "model.layers.0.mystery.weight": torch.zeros(1)}, src_llama / "model.safetensors",
+              metadata={"format": "pt"})
     with pytest.raises(ConversionError, match="'model.layers.0.mystery.weight' is not part of a llama checkpoint"):
         convert(src_llama, tmp_path / "out")
     shards[-1].unlink()

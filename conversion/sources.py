@@ -1,9 +1,9 @@
-"""The checkpoint families convert.py reads and writes: one `SourceFormat` or `TargetFormat` entry each.
+"""The checkpoint families convert.py reads: one `SourceFormat` entry each (targets.py has what it writes).
 
 A source format says how to recognise its config.json, how that config maps onto `HybridLMConfig` (refusing
 what hybrid_lm cannot compute the same way), how its tensor names map onto hybrid_lm's (a declarative
 `KeyMap` with `{layer}` / `{expert}` / `{name}` placeholders), and which transformers model is the oracle
-for verification. A target format says which config.json to write and which class loads the result.
+for verification.
 
     source    config.json                    oracle                       refuses
     jamba     JambaConfig                    JambaForCausalLM             hidden_act other than silu
@@ -12,7 +12,7 @@ for verification. A target format says which config.json to write and which clas
                                              weights                      GatedMLP blocks
     mixtral   MixtralConfig                  MixtralForCausalLM           1 expert, partial/dynamic RoPE
     llama     LlamaConfig                    LlamaForCausalLM             partial/dynamic RoPE
-    hybrid_lm HybridLMConfig (--to jamba)    HybridLMForCausalLM          (see jamba_export_config)
+    hybrid_lm HybridLMConfig (--to jamba)    HybridLMForCausalLM          (see targets.jamba_export_config)
 """
 
 import re
@@ -122,7 +122,10 @@ _TRANSFORMER_BLOCKS = {
     "model.norm.weight": "model.final_layernorm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-LLAMA_KEYS = KeyMap({**_TRANSFORMER_BLOCKS, "model.layers.{layer}.mlp.{name}": "model.layers.{layer}.feed_forward.{name}"})
+LLAMA_KEYS = KeyMap({
+    **_TRANSFORMER_BLOCKS,
+    "model.layers.{layer}.mlp.{name}": "model.layers.{layer}.feed_forward.{name}",
+})
 MIXTRAL_KEYS = KeyMap({
     **_TRANSFORMER_BLOCKS,
     # on disk (transformers 4 and 5): one tensor per expert, w1 = gate, w3 = up, w2 = down
@@ -149,7 +152,8 @@ def _normalised(config_class: type, source: dict) -> dict:
         raise ConversionError(f"config.json is not a valid {config_class.__name__}: {error}") from error
 
 
-def _picked(source: dict, names: tuple[str, ...]) -> dict:
+def picked(source: dict, names: tuple[str, ...]) -> dict:
+    """The fields `names` of `source` that it has."""
     return {name: source[name] for name in names if name in source}
 
 
@@ -214,7 +218,7 @@ def mamba_config(source: dict, weights: Weights) -> HybridLMConfig:
     layers = mamba["num_hidden_layers"]
     return HybridLMConfig(
         **_PURE_MAMBA,
-        **_picked(mamba, ("vocab_size", "hidden_size", "num_hidden_layers", "initializer_range", "use_cache",
+        **picked(mamba, ("vocab_size", "hidden_size", "num_hidden_layers", "initializer_range", "use_cache",
                           "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")),
         layers_block_type=["mamba"] * layers,
         layers_num_experts=[0] * layers,
@@ -302,7 +306,7 @@ def llama_config(source: dict, weights: Weights) -> HybridLMConfig:
     llama = _normalised(transformers.LlamaConfig, source)
     layers = llama["num_hidden_layers"]
     return HybridLMConfig(
-        **_picked(llama, _TRANSFORMER_FIELDS + ("attention_bias", "mlp_bias")),
+        **picked(llama, _TRANSFORMER_FIELDS + ("attention_bias", "mlp_bias")),
         **_rope_fields(llama),
         layers_block_type=["attention"] * layers,
         layers_num_experts=[1] * layers,
@@ -328,7 +332,7 @@ def mixtral_config(source: dict, weights: Weights) -> HybridLMConfig:
             stacklevel=2,
         )
     return HybridLMConfig(
-        **_picked(mixtral, _TRANSFORMER_FIELDS + ("sliding_window", "num_experts_per_tok", "router_aux_loss_coef",
+        **picked(mixtral, _TRANSFORMER_FIELDS + ("sliding_window", "num_experts_per_tok", "router_aux_loss_coef",
                                                   "output_router_logits")),
         **_rope_fields(mixtral),
         layers_block_type=["attention"] * mixtral["num_hidden_layers"],
@@ -349,7 +353,7 @@ def hybrid_lm_config(source: dict, weights: Weights) -> HybridLMConfig:
 # ----------------------------------------------------------------------------- oracles
 
 
-def _from_pretrained(class_name: str) -> Callable[..., torch.nn.Module]:
+def from_pretrained_loader(class_name: str) -> Callable[..., torch.nn.Module]:
     """A loader for verification: `class_name` (transformers', or HybridLMForCausalLM) in float32."""
 
     def load(folder: Path, source: dict | None = None) -> torch.nn.Module:
@@ -396,15 +400,18 @@ class SourceFormat:
 SOURCES = {
     fmt.name: fmt
     for fmt in (
-        SourceFormat("jamba", _has_model_type("jamba"), jamba_config, JAMBA_KEYS, _from_pretrained("JambaForCausalLM")),
-        SourceFormat("mamba", _has_model_type("mamba"), mamba_config, MAMBA_KEYS, _from_pretrained("MambaForCausalLM")),
+        SourceFormat("jamba", _has_model_type("jamba"), jamba_config, JAMBA_KEYS,
+                     from_pretrained_loader("JambaForCausalLM")),
+        SourceFormat("mamba", _has_model_type("mamba"), mamba_config, MAMBA_KEYS,
+                     from_pretrained_loader("MambaForCausalLM")),
         SourceFormat("mamba_ssm", _is_mamba_ssm, mamba_ssm_config, MAMBA_SSM_KEYS, load_mamba_ssm_as_mamba,
                      reads_pickle=True),
         SourceFormat("mixtral", _has_model_type("mixtral"), mixtral_config, MIXTRAL_KEYS,
-                     _from_pretrained("MixtralForCausalLM")),
-        SourceFormat("llama", _has_model_type("llama"), llama_config, LLAMA_KEYS, _from_pretrained("LlamaForCausalLM")),
+                     from_pretrained_loader("MixtralForCausalLM")),
+        SourceFormat("llama", _has_model_type("llama"), llama_config, LLAMA_KEYS,
+                     from_pretrained_loader("LlamaForCausalLM")),
         SourceFormat("hybrid_lm", _has_model_type("hybrid_lm"), hybrid_lm_config, HYBRID_LM_KEYS,
-                     _from_pretrained("HybridLMForCausalLM")),
+                     from_pretrained_loader("HybridLMForCausalLM")),
     )
 }
 
@@ -428,124 +435,3 @@ def open_weights(folder: Path, reads_pickle: bool) -> Weights:
     if not (folder / "pytorch_model.bin").exists():
         raise ConversionError(f"no weights in {folder} (expected pytorch_model.bin or model.safetensors)")
     return PickleWeights(folder / "pytorch_model.bin")
-
-
-# ----------------------------------------------------------------------------- targets
-
-
-def _period_rule(flags: list[bool], preferred: tuple[int, int]) -> tuple[int, int] | None:
-    """(period, offset) with `flags[i] == (i % period == offset)` for every layer, the preferred pair first;
-    None if no pair fits. A period past the last layer expresses "no layer"."""
-    candidates = [preferred] + [(p, o) for p in range(1, len(flags) + 2) for o in range(p)]
-    for period, offset in candidates:
-        if 0 <= offset < period and all((i % period == offset) == flag for i, flag in enumerate(flags)):
-            return period, offset
-    return None
-
-
-def _layers(indices: list[int]) -> str:
-    return f"layer{'s' if len(indices) > 1 else ''} {indices}"
-
-
-def jamba_export_config(config: HybridLMConfig) -> transformers.PreTrainedConfig:
-    """The JambaConfig of a hybrid_lm model, or a ConversionError listing every feature Jamba lacks.
-
-    Only settings that change what the model computes are refused; the router z-loss (training only) is
-    dropped with a warning.
-    """
-    kinds = config.layers_block_type
-    attention = [i for i, kind in enumerate(kinds) if kind == "attention"]
-    has_mamba = len(attention) < len(kinds)
-    counts = config.layers_num_experts
-    moe = [i for i, count in enumerate(counts) if count > 1]
-    problems = []
-    if attention:
-        if config.use_rope:
-            problems.append("RoPE (use_rope=True): Jamba's attention has no position encoding")
-        if config.sliding_window is not None:
-            problems.append(f"sliding-window attention (sliding_window={config.sliding_window})")
-        if config.attention_bias:
-            problems.append("attention biases (attention_bias=True)")
-        if config.head_dim * config.num_attention_heads != config.hidden_size:
-            problems.append(
-                f"head_dim {config.head_dim} != hidden_size / num_attention_heads "
-                f"({config.hidden_size} / {config.num_attention_heads})"
-            )
-    if has_mamba and not config.mamba_inner_layernorms:
-        problems.append("Mamba layers without the dt/B/C RMSNorms (mamba_inner_layernorms=False)")
-    if has_mamba and config.hidden_act != "silu":
-        problems.append(f"hidden_act {config.hidden_act!r} (Jamba applies it in the Mamba conv too; use 'silu')")
-    no_ff = [i for i, count in enumerate(counts) if count == 0]
-    if no_ff:
-        problems.append(f"layers without a feed-forward block ({_layers(no_ff)})")
-    if config.mlp_bias and len(no_ff) < len(counts):
-        problems.append("MLP biases (mlp_bias=True)")
-    if moe and config.norm_topk_prob:
-        problems.append("renormalised top-K router weights (norm_topk_prob=True)")
-    attn_rule = _period_rule([kind == "attention" for kind in kinds], (config.attn_layer_period,
-                                                                         config.attn_layer_offset))
-    if attn_rule is None:
-        problems.append(
-            f"attention at {_layers(attention)}, which no attn_layer_period / attn_layer_offset rule produces"
-        )
-    expert_rule = _period_rule([count > 1 for count in counts], (config.expert_layer_period,
-                                                                  config.expert_layer_offset))
-    if expert_rule is None:
-        problems.append(f"experts at {_layers(moe)}, which no expert_layer_period / expert_layer_offset rule produces")
-    if problems:
-        raise ConversionError(
-            "Jamba cannot express this model: " + "; ".join(problems) + ". Keep it in the hybrid_lm format."
-        )
-    if config.router_z_loss_coef > 0:
-        warnings.warn(
-            f"router_z_loss_coef ({config.router_z_loss_coef}) is dropped: Jamba has no router z-loss (training only)",
-            ConversionWarning,
-            stacklevel=2,
-        )
-    return transformers.JambaConfig(
-        **_picked(config.to_dict(), (
-            "vocab_size", "tie_word_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "hidden_act", "initializer_range", "rms_norm_eps",
-            "use_cache", "output_router_logits", "router_aux_loss_coef", "pad_token_id", "bos_token_id",
-            "eos_token_id", "max_position_embeddings", "attention_dropout", "num_experts_per_tok", "num_experts",
-            "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias", "mamba_proj_bias",
-        )),
-        attn_layer_period=attn_rule[0],
-        attn_layer_offset=attn_rule[1],
-        expert_layer_period=expert_rule[0],
-        expert_layer_offset=expert_rule[1],
-        architectures=["JambaForCausalLM"],
-    )
-
-
-@dataclass(frozen=True)
-class TargetFormat:
-    """What convert.py writes: its config.json (from the HybridLMConfig) and the class that loads the result."""
-
-    name: str
-    sources: tuple[str, ...]  # source formats it accepts
-    build_config: Callable[[HybridLMConfig], transformers.PreTrainedConfig]
-    load: Callable[[Path], torch.nn.Module]  # DST folder -> float32 model, for verification
-    writes_code: bool  # copy hybrid_lm's modeling files (trust_remote_code) next to the weights
-
-
-def _as_hybrid_lm(config: HybridLMConfig) -> HybridLMConfig:
-    config.architectures = ["HybridLMForCausalLM"]
-    return config
-
-
-TARGETS = {
-    "hybrid_lm": TargetFormat("hybrid_lm", ("jamba", "mamba", "mamba_ssm", "mixtral", "llama"), _as_hybrid_lm,
-                              _from_pretrained("HybridLMForCausalLM"), writes_code=True),
-    "jamba": TargetFormat("jamba", ("hybrid_lm",), jamba_export_config, _from_pretrained("JambaForCausalLM"),
-                          writes_code=False),
-}
-
-
-def keeps_float32(key: str) -> bool:
-    """Mamba's A_log, D and dt bias stay float32 whatever --dtype says (as hybrid_lm keeps them at run time)."""
-    return key.endswith(("A_log", ".D", "dt_proj.bias"))
-
-
-__all__ = ["SOURCES", "TARGETS", "SourceFormat", "TargetFormat", "KeyMap", "detect_source", "open_weights",
-           "keeps_float32"]
