@@ -30,6 +30,7 @@ def _period_rule(flags: list[bool], preferred: tuple[int, int]) -> tuple[int, in
 
 
 def _layers(indices: list[int]) -> str:
+    """`layer [3]` or `layers [0, 2]`, for messages."""
     return f"layer{'s' if len(indices) > 1 else ''} {indices}"
 
 
