@@ -261,3 +261,19 @@ def test_dense_rope_model_matches_llama():
     _load_mixtral_weights(model, reference)
     input_ids = ids(length=12)
     torch.testing.assert_close(model(input_ids).logits, reference(input_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_keyword_arguments_are_refused_not_ignored():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="unexpected keyword argument .token_type_ids."):
+        model(ids(), token_type_ids=torch.zeros(2, 11, dtype=torch.long))
+    with pytest.raises(TypeError, match="unexpected keyword argument .foo."):
+        model.model(ids(), foo=1)
+
+
+def test_seq_idx_marks_packed_documents_like_restarting_positions():
+    model = tiny_model()
+    input_ids = ids(batch=1, length=12)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    seq_idx = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2]])
+    torch.testing.assert_close(model(input_ids, seq_idx=seq_idx).logits, model(input_ids, position_ids=positions).logits)
