@@ -244,7 +244,7 @@ def _conv_fwd(x, weight, bias, initial_state, seq_idx, silu):
     width = weight.shape[1]
     x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
                                          for t in (x, weight, initial_state, seq_idx))
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)
     final_state = x.new_empty(batch, channels, width - 1)
     flags = dict(WIDTH=width, HAS_INIT=initial_state is not None and width > 1, HAS_SEQ=seq_idx is not None)
     grid = (triton.cdiv(length, _BLOCK_L), triton.cdiv(channels, _BLOCK_D), batch)
@@ -269,8 +269,8 @@ def _conv_bwd(grad_out, grad_final_state, x, weight, bias, initial_state, seq_id
     )
     has_init = initial_state is not None and width > 1
     n_blocks = triton.cdiv(length, _BLOCK_L)
-    dx = torch.empty_like(x)
-    dinit = torch.zeros_like(initial_state) if initial_state is not None else x.new_empty(0)
+    dx = x.new_empty(x.shape)
+    dinit = initial_state.new_zeros(initial_state.shape) if initial_state is not None else x.new_empty(0)
     dweight = torch.empty(batch, n_blocks, channels, width, device=x.device, dtype=torch.float32)
     dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, _BLOCK_D), batch)](
@@ -297,7 +297,7 @@ def _causal_conv1d_fwd_op(
 
 @_causal_conv1d_fwd_op.register_fake
 def _(x, weight, bias, initial_state, seq_idx, silu):
-    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1)
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1)
 
 
 @torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", mutates_args=())
@@ -311,9 +311,9 @@ def _causal_conv1d_bwd_op(
 
 @_causal_conv1d_bwd_op.register_fake
 def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu):
-    dinit = torch.empty_like(initial_state) if initial_state is not None else x.new_empty(0)
+    dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
     dbias = x.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32)
-    return torch.empty_like(x), dinit, weight.new_empty(weight.shape, dtype=torch.float32), dbias
+    return x.new_empty(x.shape), dinit, weight.new_empty(weight.shape, dtype=torch.float32), dbias
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -344,7 +344,7 @@ def _causal_conv1d_update_op(
     width = weight.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)
     block_d = min(triton.next_power_of_2(channels), 256)
     _conv_update_kernel[(triton.cdiv(channels, block_d), batch)](
         x, conv_state, weight, bias, out,
@@ -356,7 +356,7 @@ def _causal_conv1d_update_op(
 
 @_causal_conv1d_update_op.register_fake
 def _(x, conv_state, weight, bias, silu):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 # ----------------------------------------------------------------------------- public functions

@@ -326,7 +326,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta
         states[:, 0] = initial_state.transpose(1, 2)
     else:
         states[:, 0] = 0.0
-    out = torch.empty_like(u)
+    out = u.new_empty(u.shape)
     grid = (triton.cdiv(channels, _FWD_BLOCK_D), batch)
     _scan_fwd_kernel[grid](
         u, delta, A_t, B, C, D, z, delta_bias, seq_idx, out, states,
@@ -344,13 +344,13 @@ def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, s
     n_chunks = states.shape[1] - 1
     u, delta, B, C, z, seq_idx, grad_out = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx, grad_out))
     A_t = A.float().t().contiguous()
-    adjoint = torch.empty_like(states)
+    adjoint = states.new_empty(states.shape)
     if grad_final_state is not None:
         adjoint[:, -1] = grad_final_state.transpose(1, 2)
     else:
         adjoint[:, -1] = 0.0
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
+    du, ddelta = u.new_empty(u.shape), delta.new_empty(delta.shape)
+    dz = z.new_empty(z.shape) if z is not None else None
     dB = torch.zeros(B.shape, device=u.device, dtype=torch.float32)
     dC = torch.zeros(C.shape, device=u.device, dtype=torch.float32)
     dA = torch.empty(batch, n_chunks, d_state, channels, device=u.device, dtype=torch.float32)
@@ -364,11 +364,13 @@ def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, s
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_SEQ=seq_idx is not None, BLOCK_D=_BWD_BLOCK_D, BLOCK_T=chunk, num_warps=_BWD_WARPS,
     )
-    absent = u.new_empty(0)
+    def absent():  # a fresh empty tensor each time: outputs of a custom op may not alias
+        return u.new_empty(0)
+
     return (
         du, ddelta, dA.sum((0, 1)).t().contiguous(), dB, dC,
-        dD.sum(0) if dD is not None else absent, dz if dz is not None else absent,
-        dbias.sum(0) if dbias is not None else absent,
+        dD.sum(0) if dD is not None else absent(), dz if dz is not None else absent(),
+        dbias.sum(0) if dbias is not None else absent(),
         adjoint[:, 0].transpose(1, 2).contiguous(),
     )
 
@@ -391,7 +393,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
     batch, channels, length = u.shape
     d_state = A.shape[1]
     states = u.new_empty(batch, _num_chunks(length, u.dtype) + 1, d_state, channels, dtype=torch.float32)
-    return torch.empty_like(u), u.new_empty(batch, channels, d_state, dtype=torch.float32), states
+    return u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32), states
 
 
 @torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
@@ -414,10 +416,10 @@ def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, 
     d_state = A.shape[1]
     f32 = torch.float32
     return (
-        torch.empty_like(u), torch.empty_like(delta), A.new_empty(channels, d_state, dtype=f32),
+        u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(channels, d_state, dtype=f32),
         B.new_empty(B.shape, dtype=f32), C.new_empty(C.shape, dtype=f32),
         u.new_empty(channels if D is not None else 0, dtype=f32),
-        torch.empty_like(z) if z is not None else u.new_empty(0),
+        z.new_empty(z.shape) if z is not None else u.new_empty(0),
         u.new_empty(channels if delta_bias is not None else 0, dtype=f32),
         u.new_empty(batch, channels, d_state, dtype=f32),
     )
@@ -457,7 +459,7 @@ def _selective_state_update_op(
     x, dt, z = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, dt, z))
     B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C))
     A = A.contiguous()
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)
     block_n = triton.next_power_of_2(d_state)
     block_d = max(1, min(triton.next_power_of_2(channels), 2048 // block_n))
     grid = (triton.cdiv(channels, block_d), batch)
@@ -474,7 +476,7 @@ def _selective_state_update_op(
 
 @_selective_state_update_op.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 # ----------------------------------------------------------------------------- public functions
