@@ -97,26 +97,39 @@ def scan_bytes(batch, channels, length, d_state, backward):
     return forward + (7 * big + 4 * small if backward else 0)  # + u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC out
 
 
-def sweep_scan_tiles(shape):
-    configs = [(64, 16, 4, 16, 4), (64, 16, 4, 8, 4), (128, 8, 4, 8, 4), (64, 8, 4, 8, 4), (32, 16, 4, 16, 4),
-               (128, 16, 8, 8, 4), (256, 4, 4, 4, 4)]
-    inputs = scan_inputs(*shape)
-    best = None
-    for chunk, fwd_d, fwd_w, bwd_d, bwd_w in configs:
-        triton_ssm._MAX_CHUNK = {2: chunk, 4: chunk}
-        triton_ssm._FWD_BLOCK_D, triton_ssm._FWD_WARPS = fwd_d, fwd_w
-        triton_ssm._BWD_BLOCK_D, triton_ssm._BWD_WARPS = bwd_d, bwd_w
-        fwd = time_scan(selective_scan_triton, inputs, False)
-        both = time_scan(selective_scan_triton, inputs, True)
-        print(f"# sweep T={chunk} fwd BLOCK_D={fwd_d} warps={fwd_w} bwd BLOCK_D={bwd_d} warps={bwd_w}: "
-              f"fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms")
-        if best is None or both < best[0]:
-            best = (both, chunk, fwd_d, fwd_w, bwd_d, bwd_w)
-    _, chunk, fwd_d, fwd_w, bwd_d, bwd_w = best
+def set_scan_tiles(chunk, fwd, bwd):
     triton_ssm._MAX_CHUNK = {2: chunk, 4: chunk}
-    triton_ssm._FWD_BLOCK_D, triton_ssm._FWD_WARPS = fwd_d, fwd_w
-    triton_ssm._BWD_BLOCK_D, triton_ssm._BWD_WARPS = bwd_d, bwd_w
-    print(f"# kept T={chunk} fwd ({fwd_d}, {fwd_w}) bwd ({bwd_d}, {bwd_w})")
+    (triton_ssm._FWD_BLOCK_D, triton_ssm._FWD_WARPS), (triton_ssm._BWD_BLOCK_D, triton_ssm._BWD_WARPS) = fwd, bwd
+
+
+def sweep_scan_tiles(shapes):
+    """Times (chunk T, forward (BLOCK_D, warps), backward (BLOCK_D, warps)) choices; keeps the fastest
+    forward + backward summed over `shapes`."""
+    fwd_choices = [(4, 1), (8, 2), (8, 4), (16, 4)]
+    bwd_choices = [(4, 1), (8, 1), (8, 2), (8, 4), (16, 4)]
+    totals, counts = {}, {}
+    for shape in shapes:
+        inputs = scan_inputs(*shape)
+        for chunk in (32, 64, 128):
+            fwd_times = {}
+            for fwd in fwd_choices:
+                set_scan_tiles(chunk, fwd, bwd_choices[0])
+                fwd_times[fwd] = time_scan(selective_scan_triton, inputs, False)
+            best_fwd = min(fwd_times, key=fwd_times.get)
+            for bwd in bwd_choices:
+                set_scan_tiles(chunk, best_fwd, bwd)
+                both = time_scan(selective_scan_triton, inputs, True)
+                key = (chunk, best_fwd, bwd)
+                totals[key] = totals.get(key, 0.0) + both
+                counts[key] = counts.get(key, 0) + 1
+                print(f"# sweep {shape} T={chunk} fwd {best_fwd} {fwd_times[best_fwd]:.3f} ms "
+                      f"(all: {', '.join(f'{k}: {v:.3f}' for k, v in fwd_times.items())}); bwd {bwd}: fwd+bwd {both:.3f} ms",
+                      flush=True)
+        del inputs
+    complete = {k: v for k, v in totals.items() if counts[k] == len(shapes)} or totals
+    chunk, fwd, bwd = min(complete, key=complete.get)
+    set_scan_tiles(chunk, fwd, bwd)
+    print(f"# kept T={chunk} fwd {fwd} bwd {bwd}")
 
 
 def main():
@@ -133,7 +146,7 @@ def main():
     lines = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
              f"device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + write).", ""]
     if args.sweep:
-        sweep_scan_tiles(SCAN_SHAPES[0])
+        sweep_scan_tiles([SCAN_SHAPES[0], SCAN_SHAPES[2]])
     lines.append(f"Scan tiles: T <= {triton_ssm._MAX_CHUNK[2]}, forward BLOCK_D {triton_ssm._FWD_BLOCK_D} / "
                  f"{triton_ssm._FWD_WARPS} warps, backward BLOCK_D {triton_ssm._BWD_BLOCK_D} / {triton_ssm._BWD_WARPS} warps.")
     lines.append("")

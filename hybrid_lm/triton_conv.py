@@ -24,7 +24,7 @@ except ImportError as error:
     raise ImportError("the Triton kernels need triton: pip install triton") from error
 
 from .conv_ops import _activation
-from .custom_ops import op_namespace, require_float_inputs
+from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
 
 _NS = op_namespace(__name__)
 
@@ -336,10 +336,7 @@ def _conv_backward(ctx, grad_out, grad_final_state):
 _causal_conv1d_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
-@torch.library.custom_op(f"{_NS}::causal_conv1d_update", mutates_args=("conv_state",))
-def _causal_conv1d_update_op(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-) -> torch.Tensor:
+def _conv_update(x, conv_state, weight, bias, silu):
     batch, channels = x.shape
     width = weight.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -352,6 +349,13 @@ def _causal_conv1d_update_op(
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d, BLOCK_K=_block_k(width), num_warps=4,
     )
     return out
+
+
+@torch.library.custom_op(f"{_NS}::causal_conv1d_update", mutates_args=("conv_state",))
+def _causal_conv1d_update_op(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+) -> torch.Tensor:
+    return _conv_update(x, conv_state, weight, bias, silu)
 
 
 @_causal_conv1d_update_op.register_fake
@@ -403,7 +407,9 @@ def causal_conv1d_triton(
         )
     if seq_idx is not None and tuple(seq_idx.shape) != (batch, length):
         raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(batch, length)}")
-    out, final_state = _causal_conv1d_fwd_op(x, weight, bias, initial_state, seq_idx, activation is not None)
+    args = (x, weight, bias, initial_state, seq_idx, activation is not None)
+    # the custom op is for torch.compile and autograd; eager inference skips its dispatch overhead
+    out, final_state = (_causal_conv1d_fwd_op if needs_custom_op(*args[:4]) else _conv_fwd)(*args)
     return (out, final_state) if return_final_state else out
 
 
@@ -429,4 +435,5 @@ def causal_conv1d_update_triton(
             f"x must be (batch, {weight.shape[0]}) and conv_state {expected} for weight {tuple(weight.shape)}, "
             f"got x {tuple(x.shape)} and conv_state {tuple(conv_state.shape)}"
         )
-    return _causal_conv1d_update_op(x, conv_state, weight, bias, activation is not None)
+    op = _causal_conv1d_update_op if torch.compiler.is_compiling() else _conv_update  # as in causal_conv1d_triton
+    return op(x, conv_state, weight, bias, activation is not None)

@@ -30,7 +30,7 @@ try:  # transformers' remote-code loader skips imports inside try blocks; mamba_
 except ImportError as error:
     raise ImportError("the Triton kernels need triton: pip install triton") from error
 
-from .custom_ops import op_namespace, require_float_inputs
+from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
 
 _NS = op_namespace(__name__)
 
@@ -94,6 +94,19 @@ def _resets(seq_ptr, batch, t, length, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
+def _state_inputs(A_ptr, B_ptr, C_ptr, slot_ptr, n, d_state, channels, length, BC_row, offs_d, t, mask_d, mask_t):
+    """A[:, n] ([BLOCK_D]), B[n] and C[n] over the chunk ([T]) and column n of a states slot ([BLOCK_D]);
+    zeros for n = N, the prefetch past the last state."""
+    mask_d = mask_d & (offs_d * 0 + n < d_state)
+    mask_t = mask_t & (t * 0 + n < d_state)
+    A_n = tl.load(A_ptr + n * channels + offs_d, mask=mask_d, other=0.0)
+    B_n = tl.load(B_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
+    C_n = tl.load(C_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
+    slot_n = tl.load(slot_ptr + n * channels, mask=mask_d, other=0.0)
+    return A_n, B_n, C_n, slot_n
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     out_ptr, states_ptr,
@@ -125,24 +138,28 @@ def _scan_fwd_kernel(
         u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
-        reset = _resets(seq_ptr, batch, t, length, HAS_SEQ)[None, :]
+        reset = _resets(seq_ptr, batch, t, length, HAS_SEQ)[None, :] if HAS_SEQ else None
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         # slot `chunk` was written by other threads in the previous iteration
         tl.debug_barrier()
+        slot = states_row + chunk * slot_size
+        A_n, B_n, C_n, h0 = _state_inputs(A_ptr, B_ptr, C_ptr, slot, 0, d_state, channels, length, BC_row, offs_d, t,
+                                          mask_d, mask_t)
         for n in range(d_state):
-            A_n = tl.load(A_ptr + n * channels + offs_d, mask=mask_d, other=0.0) * 1.4426950408889634
-            B_n = tl.load(B_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
-            h0 = tl.load(states_row + chunk * slot_size + n * channels, mask=mask_d, other=0.0)
-            a = tl.where(reset, 0.0, tl.exp2(dt * A_n[:, None]))
-            b = dtu * B_n[None, :]
-            b = tl.where(offs_j[None, :] == 0, b + a * h0[:, None], b)
-            _, h = tl.associative_scan((a, b), axis=1, combine_fn=_first_order_combine)
+            # the next state's loads go out before this state's arithmetic, which hides their latency
+            A_next, B_next, C_next, h0_next = _state_inputs(A_ptr, B_ptr, C_ptr, slot, n + 1, d_state, channels,
+                                                            length, BC_row, offs_d, t, mask_d, mask_t)
+            a = tl.exp2(dt * (A_n * 1.4426950408889634)[:, None])
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
+            decay, h = tl.associative_scan((a, dtu * B_n[None, :]), axis=1, combine_fn=_first_order_combine)
+            h += decay * h0[:, None]  # the chunk's start state enters after the scan, which need not wait for it
             y += h * C_n[None, :]
             # past the end a = 1 and b = 0, so the last column is the state after this chunk. A masked
             # store of the column would move the whole tile through shared memory: reduce instead.
             h_last = tl.sum(tl.where(last, h, 0.0), axis=1)
             tl.store(states_row + (chunk + 1) * slot_size + n * channels, h_last, mask=mask_d)
+            A_n, B_n, C_n, h0 = A_next, B_next, C_next, h0_next
         if HAS_D:
             y += u * skip[:, None]
         if HAS_Z:
@@ -179,7 +196,6 @@ def _scan_bwd_kernel(
     adjoint_row = adjoint_ptr + batch * (n_chunks + 1) * slot_size + offs_d
     dA_row = dA_ptr + batch * n_chunks * slot_size + offs_d
     first = (offs_j == 0)[None, :]
-    last = (offs_j == BLOCK_T - 1)[None, :]
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
@@ -195,32 +211,43 @@ def _scan_bwd_kernel(
         # the adjoint needs a_{t+1}: recompute it from delta one step ahead rather than shift a tile
         mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
         dt_next, _ = _load_dt(delta_ptr, offsets + 1, mask_next, bias, HAS_BIAS, SOFTPLUS)
-        reset = _resets(seq_ptr, batch, t, length, HAS_SEQ)[None, :]
-        reset_next = _resets(seq_ptr, batch, t + 1, length, HAS_SEQ)[None, :]
+        if HAS_SEQ:
+            reset = _resets(seq_ptr, batch, t, length, HAS_SEQ)[None, :]
+            reset_next = _resets(seq_ptr, batch, t + 1, length, HAS_SEQ)[None, :]
         g = _gate_grad(dout_ptr, z_ptr, offsets, mask, HAS_Z)  # dL/dy, y = scan + D * u
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         d_dt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         d_dtu = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)  # dL/d(dt * u) = sum_n lam * B
         tl.debug_barrier()
+        slot = states_row + chunk * slot_size
+        carry_slot = adjoint_row + (chunk + 1) * slot_size
+        A_n, B_n, C_n, h0 = _state_inputs(A_ptr, B_ptr, C_ptr, slot, 0, d_state, channels, length, BC_row, offs_d, t,
+                                          mask_d, mask_t)
+        carry = tl.load(carry_slot, mask=mask_d, other=0.0)
         for n in range(d_state):
-            A_n = tl.load(A_ptr + n * channels + offs_d, mask=mask_d, other=0.0)
-            B_n = tl.load(B_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
-            h0 = tl.load(states_row + chunk * slot_size + n * channels, mask=mask_d, other=0.0)
-            carry = tl.load(adjoint_row + (chunk + 1) * slot_size + n * channels, mask=mask_d, other=0.0)
+            # prefetch as in the forward
+            A_next, B_next, C_next, h0_next = _state_inputs(A_ptr, B_ptr, C_ptr, slot, n + 1, d_state, channels,
+                                                            length, BC_row, offs_d, t, mask_d, mask_t)
+            carry_next = tl.load(carry_slot + (n + 1) * channels, mask=mask_d & (offs_d * 0 + n + 1 < d_state), other=0.0)
             A2_n = (A_n * 1.4426950408889634)[:, None]
             # 1. recompute this chunk's states
-            a = tl.where(reset, 0.0, tl.exp2(dt * A2_n))
+            a = tl.exp2(dt * A2_n)
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
             b = dtu * B_n[None, :]
-            _, h = tl.associative_scan((a, tl.where(first, b + a * h0[:, None], b)), axis=1,
-                                       combine_fn=_first_order_combine)
+            decay, h = tl.associative_scan((a, b), axis=1, combine_fn=_first_order_combine)
+            h += decay * h0[:, None]
             y += h * C_n[None, :]
-            tl.atomic_add(dC_ptr + BC_row + n * length + t, tl.sum(g * h, axis=0), mask=mask_t)
-            # 2. adjoint, reversed: lam_t = g_t * C_t + a_{t+1} * lam_{t+1}; past the end a = 1
-            a_next = tl.where(mask_next, tl.where(reset_next, 0.0, tl.exp2(dt_next * A2_n)), 1.0)
-            g_C = g * C_n[None, :]
-            _, lam = tl.associative_scan((a_next, tl.where(last, g_C + carry[:, None], g_C)), axis=1,
-                                         combine_fn=_first_order_combine, reverse=True)
+            tl.atomic_add(dC_ptr + BC_row + n * length + t, tl.sum(g * h, axis=0), mask=mask_t, sem="relaxed")
+            # 2. adjoint, reversed: lam_t = g_t * C_t + a_{t+1} * lam_{t+1}. Past the end a = 1; the last
+            #    column's a_{t+1} belongs to the next chunk and is already inside `carry`.
+            a_next = tl.exp2(dt_next * A2_n)
+            if HAS_SEQ:
+                a_next = tl.where(reset_next, 0.0, a_next)
+            a_next = tl.where(mask_next & (offs_j < BLOCK_T - 1)[None, :], a_next, 1.0)
+            decay_after, lam = tl.associative_scan((a_next, g * C_n[None, :]), axis=1,
+                                                   combine_fn=_first_order_combine, reverse=True)
+            lam += decay_after * carry[:, None]
             carry_out = tl.sum(tl.where(first, a * lam, 0.0), axis=1)  # a column, as in the forward
             tl.store(adjoint_row + chunk * slot_size + n * channels, carry_out, mask=mask_d)
             # 3. gradients: d/d(dt * A) of a_t * h_{t-1} is lam_t * (h_t - b_t)
@@ -228,7 +255,8 @@ def _scan_bwd_kernel(
             d_dt += grad_log_a * A_n[:, None]
             tl.store(dA_row + chunk * slot_size + n * channels, tl.sum(grad_log_a * dt, axis=1), mask=mask_d)
             d_dtu += lam * B_n[None, :]
-            tl.atomic_add(dB_ptr + BC_row + n * length + t, tl.sum(lam * dtu, axis=0), mask=mask_t)
+            tl.atomic_add(dB_ptr + BC_row + n * length + t, tl.sum(lam * dtu, axis=0), mask=mask_t, sem="relaxed")
+            A_n, B_n, C_n, h0, carry = A_next, B_next, C_next, h0_next, carry_next
 
         du = d_dtu * dt
         d_dt += d_dtu * u
@@ -449,12 +477,7 @@ def _scan_backward(ctx, grad_out, grad_final_state, _grad_states):
 _selective_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-@torch.library.custom_op(f"{_NS}::selective_state_update", mutates_args=("state",))
-def _selective_state_update_op(
-    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-    C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-) -> torch.Tensor:
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     batch, channels, d_state = state.shape
     x, dt, z = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, dt, z))
     B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C))
@@ -472,6 +495,15 @@ def _selective_state_update_op(
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
     )
     return out
+
+
+@torch.library.custom_op(f"{_NS}::selective_state_update", mutates_args=("state",))
+def _selective_state_update_op(
+    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+) -> torch.Tensor:
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 @_selective_state_update_op.register_fake
@@ -532,9 +564,10 @@ def selective_scan_triton(
         (B, D, N) in float32. Differentiable in every tensor but seq_idx.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    out, final_state, _ = _selective_scan_fwd_op(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus)
-    )
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus))
+    # the custom op is for torch.compile and autograd; eager inference skips its dispatch overhead
+    op = _selective_scan_fwd_op if needs_custom_op(*args[:9]) else _scan_fwd
+    out, final_state, _ = op(*args)
     return (out, final_state) if return_final_state else out
 
 
@@ -571,4 +604,5 @@ def selective_state_update_triton(
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for state {tuple(state.shape)}")
-    return _selective_state_update_op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    op = _selective_state_update_op if torch.compiler.is_compiling() else _state_update  # as in the scan
+    return op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
