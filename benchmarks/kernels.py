@@ -5,8 +5,8 @@
 Selective scan (bf16, with z, D, dt bias + softplus) forward and forward+backward at the shapes of
 issue #7, the causal conv1d (width 4, bias, silu), and the two decoding steps. Each time is the median
 of `triton.testing.do_bench`; bytes/s count each input read once and each output written once, and are
-compared with a device-to-device copy measured in the same run. `--sweep` first times the scan's tile
-configurations at the first shape and keeps the fastest. mamba-ssm's package `__init__` imports modules
+compared with a device-to-device copy measured in the same run. `--sweep` first times alternatives to the
+scan's tile choice at each shape. mamba-ssm's package `__init__` imports modules
 a bare machine may lack, so its submodules are imported without running it.
 """
 
@@ -97,39 +97,21 @@ def scan_bytes(batch, channels, length, d_state, backward):
     return forward + (7 * big + 4 * small if backward else 0)  # + u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC out
 
 
-def set_scan_tiles(chunk, fwd, bwd):
-    triton_ssm._MAX_CHUNK = {2: chunk, 4: chunk}
-    (triton_ssm._FWD_BLOCK_D, triton_ssm._FWD_WARPS), (triton_ssm._BWD_BLOCK_D, triton_ssm._BWD_WARPS) = fwd, bwd
-
-
 def sweep_scan_tiles(shapes):
-    """Times (chunk T, forward (BLOCK_D, warps), backward (BLOCK_D, warps)) choices; keeps the fastest
-    forward + backward summed over `shapes`."""
-    fwd_choices = [(4, 1), (8, 2), (8, 4), (16, 4)]
-    bwd_choices = [(4, 1), (8, 1), (8, 2), (8, 4), (16, 4)]
-    totals, counts = {}, {}
+    """Times (T, forward BLOCK_D, backward BLOCK_D) alternatives to `triton_ssm._tiles` at each shape."""
+    default_tiles = triton_ssm._tiles
+    candidates = [(64, 4, 8), (64, 4, 4), (64, 2, 4), (128, 2, 4), (128, 2, 2), (128, 4, 8), (256, 1, 2), (256, 1, 1)]
     for shape in shapes:
         inputs = scan_inputs(*shape)
-        for chunk in (32, 64, 128):
-            fwd_times = {}
-            for fwd in fwd_choices:
-                set_scan_tiles(chunk, fwd, bwd_choices[0])
-                fwd_times[fwd] = time_scan(selective_scan_triton, inputs, False)
-            best_fwd = min(fwd_times, key=fwd_times.get)
-            for bwd in bwd_choices:
-                set_scan_tiles(chunk, best_fwd, bwd)
-                both = time_scan(selective_scan_triton, inputs, True)
-                key = (chunk, best_fwd, bwd)
-                totals[key] = totals.get(key, 0.0) + both
-                counts[key] = counts.get(key, 0) + 1
-                print(f"# sweep {shape} T={chunk} fwd {best_fwd} {fwd_times[best_fwd]:.3f} ms "
-                      f"(all: {', '.join(f'{k}: {v:.3f}' for k, v in fwd_times.items())}); bwd {bwd}: fwd+bwd {both:.3f} ms",
-                      flush=True)
+        print(f"# sweep {shape}: default tiles {default_tiles(*shape[:3])}", flush=True)
+        for tiles in candidates:
+            triton_ssm._tiles = lambda batch, channels, length, tiles=tiles: tiles
+            fwd = time_scan(selective_scan_triton, inputs, False)
+            both = time_scan(selective_scan_triton, inputs, True)
+            print(f"#   T={tiles[0]} fwd BLOCK_D={tiles[1]} bwd BLOCK_D={tiles[2]}: fwd {fwd:.3f} ms, "
+                  f"bwd {both - fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
         del inputs
-    complete = {k: v for k, v in totals.items() if counts[k] == len(shapes)} or totals
-    chunk, fwd, bwd = min(complete, key=complete.get)
-    set_scan_tiles(chunk, fwd, bwd)
-    print(f"# kept T={chunk} fwd {fwd} bwd {bwd}")
+    triton_ssm._tiles = default_tiles
 
 
 def main():
@@ -146,9 +128,9 @@ def main():
     lines = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
              f"device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + write).", ""]
     if args.sweep:
-        sweep_scan_tiles([SCAN_SHAPES[0], SCAN_SHAPES[2]])
-    lines.append(f"Scan tiles: T <= {triton_ssm._MAX_CHUNK[2]}, forward BLOCK_D {triton_ssm._FWD_BLOCK_D} / "
-                 f"{triton_ssm._FWD_WARPS} warps, backward BLOCK_D {triton_ssm._BWD_BLOCK_D} / {triton_ssm._BWD_WARPS} warps.")
+        sweep_scan_tiles(SCAN_SHAPES)
+    lines.append("Scan tiles (T, forward BLOCK_D, backward BLOCK_D; one warp per program): "
+                 + ", ".join(f"{shape}: {triton_ssm._tiles(*shape[:3])}" for shape in SCAN_SHAPES) + ".")
     lines.append("")
 
     lines.append("| selective scan (B, D, L, N), bf16 | pass | triton ms | mamba-ssm ms | torch ms | triton / mamba-ssm | triton GB/s (of copy) |")

@@ -34,10 +34,10 @@ from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
 
 _NS = op_namespace(__name__)
 
-# Longest chunk per input element size; tests lower it to reach several chunks on tiny inputs.
-_MAX_CHUNK = {2: 64, 4: 64}
-_FWD_BLOCK_D, _FWD_WARPS = 16, 4
-_BWD_BLOCK_D, _BWD_WARPS = 16, 4
+# Tiles (see `_tiles`); tests lower _MAX_CHUNK to cross several chunks on tiny inputs.
+_MAX_CHUNK = 256
+_MIN_PROGRAMS = 2048  # one-warp programs: 16 per multiprocessor on a 132-SM H100
+_ELEMENTS_PER_WARP = 256  # forward tile BLOCK_D * T; the backward's tile is twice as tall
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -328,14 +328,23 @@ def _state_update_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _chunk_length(length: int, dtype: torch.dtype) -> int:
-    """T: a power of two, at least 16 (Triton's smallest comfortable tile), at most _MAX_CHUNK."""
-    limit = _MAX_CHUNK[torch.empty((), dtype=dtype).element_size()]
-    return min(limit, max(16, triton.next_power_of_2(length)))
+def _tiles(batch: int, channels: int, length: int) -> tuple[int, int, int]:
+    """(T, forward BLOCK_D, backward BLOCK_D) for one-warp programs.
+
+    One warp per program keeps the scans along T and the backward's sums over channels inside a warp
+    (shuffles, no shared memory or barriers). BLOCK_D shrinks, and T grows to keep 8 elements per thread,
+    until batch * D / BLOCK_D programs fill the GPU (few rows or long sequences); the backward takes
+    twice the rows for half as many atomic additions into dB and dC.
+    """
+    block_d = 4
+    while block_d > 1 and batch * triton.cdiv(channels, block_d) < _MIN_PROGRAMS:
+        block_d //= 2
+    chunk = min(_MAX_CHUNK, _ELEMENTS_PER_WARP // block_d, max(16, triton.next_power_of_2(length)))
+    return chunk, block_d, 2 * block_d
 
 
-def _num_chunks(length: int, dtype: torch.dtype) -> int:
-    return -(-length // _chunk_length(length, dtype))
+def _num_chunks(batch: int, channels: int, length: int) -> int:
+    return -(-length // _tiles(batch, channels, length)[0])
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -345,7 +354,7 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    chunk = _chunk_length(length, u.dtype)
+    chunk, block_d, _ = _tiles(batch, channels, length)
     n_chunks = -(-length // chunk)
     u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
     A_t = A.float().t().contiguous()  # (N, D)
@@ -355,12 +364,12 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta
     else:
         states[:, 0] = 0.0
     out = u.new_empty(u.shape)
-    grid = (triton.cdiv(channels, _FWD_BLOCK_D), batch)
+    grid = (triton.cdiv(channels, block_d), batch)
     _scan_fwd_kernel[grid](
         u, delta, A_t, B, C, D, z, delta_bias, seq_idx, out, states,
         channels, length, d_state,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_SEQ=seq_idx is not None, BLOCK_D=_FWD_BLOCK_D, BLOCK_T=chunk, num_warps=_FWD_WARPS,
+        HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
     return out, states[:, -1].transpose(1, 2).contiguous(), states
 
@@ -368,7 +377,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta
 def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus):
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    chunk = _chunk_length(length, u.dtype)
+    chunk, _, block_d = _tiles(batch, channels, length)
     n_chunks = states.shape[1] - 1
     u, delta, B, C, z, seq_idx, grad_out = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx, grad_out))
     A_t = A.float().t().contiguous()
@@ -384,13 +393,13 @@ def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, s
     dA = torch.empty(batch, n_chunks, d_state, channels, device=u.device, dtype=torch.float32)
     dD = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if D is not None else None
     dbias = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if delta_bias is not None else None
-    grid = (triton.cdiv(channels, _BWD_BLOCK_D), batch)
+    grid = (triton.cdiv(channels, block_d), batch)
     _scan_bwd_kernel[grid](
         u, delta, A_t, B, C, D, z, delta_bias, seq_idx, grad_out, states,
         adjoint, du, ddelta, dz, dB, dC, dA, dD, dbias,
         channels, length, d_state,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_SEQ=seq_idx is not None, BLOCK_D=_BWD_BLOCK_D, BLOCK_T=chunk, num_warps=_BWD_WARPS,
+        HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
     def absent():  # a fresh empty tensor each time: outputs of a custom op may not alias
         return u.new_empty(0)
@@ -420,7 +429,7 @@ def _selective_scan_fwd_op(
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    states = u.new_empty(batch, _num_chunks(length, u.dtype) + 1, d_state, channels, dtype=torch.float32)
+    states = u.new_empty(batch, _num_chunks(batch, channels, length) + 1, d_state, channels, dtype=torch.float32)
     return u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32), states
 
 
