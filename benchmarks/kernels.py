@@ -5,8 +5,8 @@
 Selective scan (bf16, with z, D, dt bias + softplus) forward and forward+backward at the shapes of
 issue #7, the causal conv1d (width 4, bias, silu), and the two decoding steps. Each time is the median
 of `triton.testing.do_bench`; bytes/s count each input read once and each output written once, and are
-compared with a device-to-device copy measured in the same run. `--sweep` first times alternatives to the
-scan's tile choice at each shape. mamba-ssm's package `__init__` imports modules
+compared with a device-to-device copy measured in the same run. `--sweep` instead times alternatives to the
+kernels' tile choices. mamba-ssm's package `__init__` imports modules
 a bare machine may lack, so its submodules are imported without running it.
 """
 
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.testing
 
-from hybrid_lm import triton_ssm
+from hybrid_lm import triton_conv, triton_ssm
 from hybrid_lm.conv_ops import causal_conv1d_ref, causal_conv1d_update_ref
 from hybrid_lm.ssm_ops import selective_scan_ref, selective_state_update_ref
 from hybrid_lm.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
@@ -100,7 +100,7 @@ def scan_bytes(batch, channels, length, d_state, backward):
 def sweep_scan_tiles(shapes):
     """Times (T, forward BLOCK_D, backward BLOCK_D) alternatives to `triton_ssm._tiles` at each shape."""
     default_tiles = triton_ssm._tiles
-    candidates = [(64, 4, 8), (64, 4, 4), (64, 2, 4), (128, 2, 4), (128, 2, 2), (128, 4, 8), (256, 1, 2), (256, 1, 1)]
+    candidates = [(256, 1, 2), (256, 2, 2), (256, 1, 1), (512, 1, 1), (128, 4, 4), (128, 2, 4)]
     for shape in shapes:
         inputs = scan_inputs(*shape)
         print(f"# sweep {shape}: default tiles {default_tiles(*shape[:3])}", flush=True)
@@ -114,9 +114,26 @@ def sweep_scan_tiles(shapes):
     triton_ssm._tiles = default_tiles
 
 
+def sweep_conv_tiles(shape):
+    """Times (BLOCK_D, BLOCK_L, warps) alternatives for the conv kernels."""
+    default = triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS
+    batch, channels, length = shape
+    x = torch.randn(batch, channels, length, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    for tiles in [(16, 128, 4), (8, 256, 4), (4, 512, 4), (32, 64, 4), (16, 256, 8), (64, 64, 8)]:
+        triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS = tiles
+        fwd = bench(lambda: causal_conv1d_triton(x.detach(), weight.detach(), bias.detach(), activation="silu"))
+        both = bench(lambda: causal_conv1d_triton(x, weight, bias, activation="silu").backward(grad))
+        print(f"# conv sweep {shape} BLOCK_D={tiles[0]} BLOCK_L={tiles[1]} warps={tiles[2]}: fwd {fwd:.3f} ms, "
+              f"fwd+bwd {both:.3f} ms", flush=True)
+    triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS = default
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="time the scan's tile configurations first")
+    parser.add_argument("--sweep", action="store_true", help="only time alternative tile choices")
     parser.add_argument("--skip-torch", action="store_true", help="leave out the (slow) torch reference")
     parser.add_argument("--markdown", help="also write the tables to this file")
     args = parser.parse_args()
@@ -129,6 +146,8 @@ def main():
              f"device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + write).", ""]
     if args.sweep:
         sweep_scan_tiles(SCAN_SHAPES)
+        sweep_conv_tiles(CONV_SHAPES[0])
+        return
     lines.append("Scan tiles (T, forward BLOCK_D, backward BLOCK_D; one warp per program): "
                  + ", ".join(f"{shape}: {triton_ssm._tiles(*shape[:3])}" for shape in SCAN_SHAPES) + ".")
     lines.append("")

@@ -36,8 +36,7 @@ _NS = op_namespace(__name__)
 
 # Tiles (see `_tiles`); tests lower _MAX_CHUNK to cross several chunks on tiny inputs.
 _MAX_CHUNK = 256
-_MIN_PROGRAMS = 2048  # one-warp programs: 16 per multiprocessor on a 132-SM H100
-_ELEMENTS_PER_WARP = 256  # forward tile BLOCK_D * T; the backward's tile is twice as tall
+_ELEMENTS_PER_WARP = 256
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -332,14 +331,13 @@ def _tiles(batch: int, channels: int, length: int) -> tuple[int, int, int]:
     """(T, forward BLOCK_D, backward BLOCK_D) for one-warp programs.
 
     One warp per program keeps the scans along T and the backward's sums over channels inside a warp
-    (shuffles, no shared memory or barriers). BLOCK_D shrinks, and T grows to keep 8 elements per thread,
-    until batch * D / BLOCK_D programs fill the GPU (few rows or long sequences); the backward takes
-    twice the rows for half as many atomic additions into dB and dC.
+    (shuffles, no shared memory or barriers). The forward tile holds _ELEMENTS_PER_WARP elements: one
+    channel by T = 256 steps on long sequences, more channels on short ones; the backward takes twice
+    the channels, which halves its atomic additions into dB and dC (measured on an H100, see
+    benchmarks/RESULTS.md).
     """
-    block_d = 4
-    while block_d > 1 and batch * triton.cdiv(channels, block_d) < _MIN_PROGRAMS:
-        block_d //= 2
-    chunk = min(_MAX_CHUNK, _ELEMENTS_PER_WARP // block_d, max(16, triton.next_power_of_2(length)))
+    chunk = min(_MAX_CHUNK, max(16, triton.next_power_of_2(length)))
+    block_d = max(1, _ELEMENTS_PER_WARP // chunk)
     return chunk, block_d, 2 * block_d
 
 

@@ -67,7 +67,7 @@ def test_model_on_triton_matches_torch(monkeypatch):
     """Packed documents (position_ids restart), forward and backward, then cached greedy decoding."""
     if not torch.cuda.is_available():
         monkeypatch.setattr(triton_ssm, "_MAX_CHUNK", 8)
-        monkeypatch.setattr(triton_ssm, "_MIN_PROGRAMS", 1)
+        monkeypatch.setattr(triton_ssm, "_ELEMENTS_PER_WARP", 32)  # 4 channels a program: several programs
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     reference = HybridLMForCausalLM(tiny_config("torch")).to(device)

@@ -22,7 +22,7 @@ def short_chunks(monkeypatch):
     """In the interpreter, chunks of 8 steps so that L <= 40 crosses several of them."""
     if DEVICE == "cpu":
         monkeypatch.setattr(triton_ssm, "_MAX_CHUNK", 8)
-        monkeypatch.setattr(triton_ssm, "_MIN_PROGRAMS", 1)  # fewer, taller programs: the interpreter runs each in Python
+        monkeypatch.setattr(triton_ssm, "_ELEMENTS_PER_WARP", 32)  # 4 channels a program: several programs
         monkeypatch.setattr(triton_conv, "_BLOCK_L", 8)
 
 
