@@ -100,7 +100,7 @@ def scan_bytes(batch, channels, length, d_state, backward):
 def sweep_scan_tiles(shapes):
     """Times (T, forward BLOCK_D, backward BLOCK_D) alternatives to `triton_ssm._tiles` at each shape."""
     default_tiles = triton_ssm._tiles
-    candidates = [(256, 1, 2), (256, 2, 2), (256, 1, 1), (512, 1, 1), (128, 4, 4), (128, 2, 4)]
+    candidates = [(256, 2, 2), (256, 1, 2), (256, 1, 1), (512, 1, 1), (128, 4, 4), (128, 2, 4)]
     for shape in shapes:
         inputs = scan_inputs(*shape)
         print(f"# sweep {shape}: default tiles {default_tiles(*shape[:3])}", flush=True)

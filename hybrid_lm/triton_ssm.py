@@ -36,7 +36,7 @@ _NS = op_namespace(__name__)
 
 # Tiles (see `_tiles`); tests lower _MAX_CHUNK to cross several chunks on tiny inputs.
 _MAX_CHUNK = 256
-_ELEMENTS_PER_WARP = 256
+_ELEMENTS_PER_WARP = 512
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -331,14 +331,13 @@ def _tiles(batch: int, channels: int, length: int) -> tuple[int, int, int]:
     """(T, forward BLOCK_D, backward BLOCK_D) for one-warp programs.
 
     One warp per program keeps the scans along T and the backward's sums over channels inside a warp
-    (shuffles, no shared memory or barriers). The forward tile holds _ELEMENTS_PER_WARP elements: one
-    channel by T = 256 steps on long sequences, more channels on short ones; the backward takes twice
-    the channels, which halves its atomic additions into dB and dC (measured on an H100, see
-    benchmarks/RESULTS.md).
+    (shuffles, no shared memory or barriers). A tile holds _ELEMENTS_PER_WARP elements: two channels by
+    T = 256 steps on long sequences, more channels on short ones. Chosen by timing alternatives on an
+    H100 (`python benchmarks/kernels.py --sweep`, figures in benchmarks/RESULTS.md).
     """
     chunk = min(_MAX_CHUNK, max(16, triton.next_power_of_2(length)))
     block_d = max(1, _ELEMENTS_PER_WARP // chunk)
-    return chunk, block_d, 2 * block_d
+    return chunk, block_d, block_d
 
 
 def _num_chunks(batch: int, channels: int, length: int) -> int:
