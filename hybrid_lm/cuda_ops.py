@@ -36,9 +36,12 @@ def scan_supports(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, r
     return not (return_final_state and wants_grad)
 
 
-def conv_supports(x, initial_state, seq_idx, return_final_state) -> bool:
-    """causal-conv1d takes an initial state, seq_idx and a final state only in a channels-last layout."""
-    return x.is_cuda and initial_state is None and seq_idx is None and not return_final_state
+def conv_supports(x, weight, bias, initial_state=None, seq_idx=None, return_final_state=False) -> bool:
+    """causal-conv1d takes widths 2 to 4, a bias of the weight's dtype, and an initial state, seq_idx or
+    a final state only in a channels-last layout (which we don't use)."""
+    if not x.is_cuda or not 2 <= weight.shape[1] <= 4 or (bias is not None and bias.dtype != weight.dtype):
+        return False
+    return initial_state is None and seq_idx is None and not return_final_state
 
 
 class _SelectiveScanCuda(torch.autograd.Function):
@@ -78,7 +81,8 @@ def selective_scan_cuda_ext(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
 
 def causal_conv1d_cuda_ext(x, weight, bias=None, activation=None):
     """causal-conv1d's conv. x: (B, D, L); weight: (D, K); bias: (D,)."""
-    return causal_conv1d_fn(x, weight, bias, activation=activation)
+    # a strided x would select causal-conv1d's channels-last kernel, which has its own constraints
+    return causal_conv1d_fn(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation=activation)
 
 
 def causal_conv1d_update_cuda_ext(x, conv_state, weight, bias=None, activation=None):

@@ -161,8 +161,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         cuda = _load("cuda")
         if cuda.scan_supports(*args, initial_state, seq_idx, return_final_state):
             return cuda.selective_scan_cuda_ext(*args, delta_softplus, return_final_state)
-        _announce("hybrid_lm: mamba-ssm's scan has no initial state, seq_idx or final-state gradient; "
-                  "such calls run on the 'triton' backend")
+        _announce("hybrid_lm: mamba-ssm's scan has no initial state, seq_idx or final-state gradient (and wants "
+                  "delta, B, C, z in u's dtype); such calls run on the 'triton' backend")
         backend = "triton" if _load("triton") is not None else "torch"
     if backend == "triton" and _fast_dtype(u, delta, B, C, z):
         return _load("triton")[0].selective_scan_triton(
@@ -184,10 +184,10 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, seq_idx=None, activa
     """See `conv_ops.causal_conv1d_ref` for shapes."""
     if backend == "cuda":
         cuda = _load("cuda")
-        if cuda.conv_supports(x, initial_state, seq_idx, return_final_state):
+        if cuda.conv_supports(x, weight, bias, initial_state, seq_idx, return_final_state):
             return cuda.causal_conv1d_cuda_ext(x, weight, bias, activation)
-        _announce("hybrid_lm: causal-conv1d takes an initial state, seq_idx or a final state only channels-last; "
-                  "such calls run on the 'triton' backend")
+        _announce("hybrid_lm: causal-conv1d takes no initial state, seq_idx or final state here (nor widths "
+                  "outside 2..4 or a bias of another dtype than the weight); such calls run on the 'triton' backend")
         backend = "triton" if _load("triton") is not None else "torch"
     if backend == "triton" and _fast_dtype(x, weight, bias, initial_state):
         return _load("triton")[1].causal_conv1d_triton(
@@ -198,8 +198,8 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, seq_idx=None, activa
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend="torch"):
     """See `conv_ops.causal_conv1d_update_ref` for shapes."""
-    if backend == "cuda":
+    if backend == "cuda" and _load("cuda").conv_supports(x, weight, bias):
         return _load("cuda").causal_conv1d_update_cuda_ext(x, conv_state, weight, bias, activation)
-    if backend == "triton" and _fast_dtype(x, conv_state, weight, bias):
+    if backend in ("cuda", "triton") and _load("triton") is not None and _fast_dtype(x, conv_state, weight, bias):
         return _load("triton")[1].causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)

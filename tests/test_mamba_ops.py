@@ -1,11 +1,15 @@
 """Backend selection in mamba_ops, and the whole model on the Triton backend against the torch one."""
 
+import importlib
 import os
+import sys
+import types
 
 import pytest
 import torch
 from transformers.dynamic_module_utils import get_imports
 
+import hybrid_lm
 from hybrid_lm import HybridLMCache, HybridLMConfig, HybridLMForCausalLM, mamba_ops, triton_conv, triton_ssm  # noqa: F401 (imported under the interpreter setting of conftest)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -123,3 +127,40 @@ def test_compiled_train_and_decode_steps_have_no_graph_break():
     step = torch.compile(lambda tok, cache: model(tok, past_key_values=cache, use_cache=True).logits, fullgraph=True)
     with torch.no_grad():
         assert torch.isfinite(step(ids[:, :1], cache)).all()
+
+
+def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
+    """With stand-ins for the compiled packages: calls they cannot compute (here: CPU tensors, an initial
+    state, seq_idx) run on the Triton kernels, and the results match the reference."""
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the extension must not be called for this input")
+
+    conv_package = types.ModuleType("causal_conv1d")
+    conv_package.causal_conv1d_fn = conv_package.causal_conv1d_update = unreachable
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    monkeypatch.setitem(sys.modules, "causal_conv1d", conv_package)
+    monkeypatch.delitem(sys.modules, "hybrid_lm.cuda_ops", raising=False)
+    cuda_ops = importlib.import_module("hybrid_lm.cuda_ops")
+    # leave no trace of the stand-ins for later tests
+    monkeypatch.setitem(sys.modules, "hybrid_lm.cuda_ops", cuda_ops)
+    monkeypatch.setattr(hybrid_lm, "cuda_ops", cuda_ops, raising=False)
+    monkeypatch.setitem(mamba_ops._modules, "cuda", cuda_ops)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    u, delta = torch.randn(1, 3, 6, device=device), torch.rand(1, 3, 6, device=device)
+    A, B, C = -torch.rand(3, 2, device=device), torch.randn(1, 2, 6, device=device), torch.randn(1, 2, 6, device=device)
+    h0, seq_idx = torch.randn(1, 3, 2, device=device), torch.tensor([[0, 0, 0, 1, 1, 1]], device=device)
+    expected = mamba_ops.selective_scan_ref(u, delta, A, B, C, initial_state=h0, seq_idx=seq_idx)
+    actual = mamba_ops.selective_scan(u, delta, A, B, C, initial_state=h0, seq_idx=seq_idx, backend="cuda")
+    assert torch.allclose(actual, expected, atol=1e-5)
+    weight, conv_init = torch.randn(3, 4, device=device), torch.randn(1, 3, 3, device=device)
+    expected = mamba_ops.causal_conv1d_ref(u, weight, initial_state=conv_init, seq_idx=seq_idx, activation="silu")
+    actual = mamba_ops.causal_conv1d(u, weight, initial_state=conv_init, seq_idx=seq_idx, activation="silu",
+                                     backend="cuda")
+    assert torch.allclose(actual, expected, atol=1e-5)
+
+
+def test_op_namespace_differs_for_a_remote_code_copy():
+    from hybrid_lm.custom_ops import op_namespace
+
+    assert op_namespace("hybrid_lm.triton_ssm") == "hybrid_lm"
+    assert op_namespace("transformers_modules.my_model.triton_ssm") == "hybrid_lm_transformers_modules_my_model"
