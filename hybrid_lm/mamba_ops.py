@@ -16,6 +16,7 @@ on fake tensors): run one eager step first to get it.
 """
 
 import os
+from types import SimpleNamespace
 
 import torch
 from transformers.utils import logging
@@ -32,17 +33,34 @@ _announced: set[str] = set()
 
 
 def _load(backend: str):
-    """The module of a fast backend, or None when it cannot be imported (the error is kept)."""
+    """The ops of a fast backend, or None when they cannot be imported (the error is kept).
+
+    The imports name their modules (`from .triton_ssm import ...`) so that transformers' remote-code loader,
+    which finds sibling files by such lines, copies the kernel files next to a saved checkpoint."""
     if backend not in _modules and backend not in _import_errors:
         try:
             if backend == "triton":
-                from . import triton_conv, triton_ssm
+                from .triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
+                from .triton_ssm import selective_scan_triton, selective_state_update_triton
 
-                _modules[backend] = (triton_ssm, triton_conv)
+                _modules[backend] = SimpleNamespace(
+                    selective_scan=selective_scan_triton, selective_state_update=selective_state_update_triton,
+                    causal_conv1d=causal_conv1d_triton, causal_conv1d_update=causal_conv1d_update_triton,
+                )
             else:
-                from . import cuda_ops
+                from .cuda_ops import (
+                    causal_conv1d_cuda_ext,
+                    causal_conv1d_update_cuda_ext,
+                    conv_supports,
+                    scan_supports,
+                    selective_scan_cuda_ext,
+                )
 
-                _modules[backend] = cuda_ops
+                _modules[backend] = SimpleNamespace(
+                    selective_scan=selective_scan_cuda_ext, causal_conv1d=causal_conv1d_cuda_ext,
+                    causal_conv1d_update=causal_conv1d_update_cuda_ext, scan_supports=scan_supports,
+                    conv_supports=conv_supports,
+                )
         except ImportError as error:
             _import_errors[backend] = error
     return _modules.get(backend)
@@ -160,12 +178,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if backend == "cuda":
         cuda = _load("cuda")
         if cuda.scan_supports(*args, initial_state, seq_idx, return_final_state):
-            return cuda.selective_scan_cuda_ext(*args, delta_softplus, return_final_state)
+            return cuda.selective_scan(*args, delta_softplus, return_final_state)
         _announce("hybrid_lm: mamba-ssm's scan has no initial state, seq_idx or final-state gradient (and wants "
                   "delta, B, C, z in u's dtype); such calls run on the 'triton' backend")
         backend = "triton" if _load("triton") is not None else "torch"
     if backend == "triton" and _fast_dtype(u, delta, B, C, z):
-        return _load("triton")[0].selective_scan_triton(
+        return _load("triton").selective_scan(
             *args, delta_softplus, initial_state, seq_idx, return_final_state
         )
     return selective_scan_ref(*args, delta_softplus, initial_state, seq_idx, return_final_state)
@@ -175,7 +193,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """See `ssm_ops.selective_state_update_ref` for shapes. mamba-ssm's decoding step is itself a Triton
     kernel, so the `cuda` backend uses ours."""
     if backend in ("cuda", "triton") and _load("triton") is not None and _fast_dtype(state, x, dt, B, C, z):
-        return _load("triton")[0].selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return _load("triton").selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
@@ -185,12 +203,12 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, seq_idx=None, activa
     if backend == "cuda":
         cuda = _load("cuda")
         if cuda.conv_supports(x, weight, bias, initial_state, seq_idx, return_final_state):
-            return cuda.causal_conv1d_cuda_ext(x, weight, bias, activation)
+            return cuda.causal_conv1d(x, weight, bias, activation)
         _announce("hybrid_lm: causal-conv1d takes no initial state, seq_idx or final state here (nor widths "
                   "outside 2..4 or a bias of another dtype than the weight); such calls run on the 'triton' backend")
         backend = "triton" if _load("triton") is not None else "torch"
     if backend == "triton" and _fast_dtype(x, weight, bias, initial_state):
-        return _load("triton")[1].causal_conv1d_triton(
+        return _load("triton").causal_conv1d(
             x, weight, bias, initial_state, seq_idx, activation, return_final_state
         )
     return causal_conv1d_ref(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
@@ -199,7 +217,7 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, seq_idx=None, activa
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend="torch"):
     """See `conv_ops.causal_conv1d_update_ref` for shapes."""
     if backend == "cuda" and _load("cuda").conv_supports(x, weight, bias):
-        return _load("cuda").causal_conv1d_update_cuda_ext(x, conv_state, weight, bias, activation)
+        return _load("cuda").causal_conv1d_update(x, conv_state, weight, bias, activation)
     if backend in ("cuda", "triton") and _load("triton") is not None and _fast_dtype(x, conv_state, weight, bias):
-        return _load("triton")[1].causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
+        return _load("triton").causal_conv1d_update(x, conv_state, weight, bias, activation)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)

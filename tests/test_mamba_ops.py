@@ -112,14 +112,15 @@ def test_model_on_triton_matches_torch_at_real_size():
 @gpu
 @pytest.mark.gpu
 def test_compiled_train_and_decode_steps_have_no_graph_break():
-    """fullgraph=True fails on any graph break. Experts are left out: the MoE block's bincount breaks the graph."""
+    """fullgraph=True fails on any graph break; experts and packed position_ids included."""
     torch.manual_seed(0)
-    model = HybridLMForCausalLM(tiny_config("triton", experts=False)).cuda()
+    model = HybridLMForCausalLM(tiny_config("triton")).cuda()
     ids = torch.randint(0, 64, (2, 40), device="cuda")
+    positions = torch.arange(40, device="cuda").remainder(17)[None].expand(2, -1)  # three packed documents
     model(ids)  # eager first: backend resolution and its self-check stay out of the graph
-    expected = model(ids, labels=ids).loss
+    expected = model(ids, labels=ids, position_ids=positions).loss
     compiled = torch.compile(model, fullgraph=True)
-    loss = compiled(ids, labels=ids).loss
+    loss = compiled(ids, labels=ids, position_ids=positions).loss
     loss.backward()
     assert torch.allclose(loss, expected, rtol=1e-4)
     cache = HybridLMCache(model.config)
@@ -144,7 +145,8 @@ def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
     # leave no trace of the stand-ins for later tests
     monkeypatch.setitem(sys.modules, "hybrid_lm.cuda_ops", cuda_ops)
     monkeypatch.setattr(hybrid_lm, "cuda_ops", cuda_ops, raising=False)
-    monkeypatch.setitem(mamba_ops._modules, "cuda", cuda_ops)
+    monkeypatch.setattr(mamba_ops, "_modules", {})  # _load imports the stand-in; the originals come back after
+    monkeypatch.setattr(mamba_ops, "_import_errors", {})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     u, delta = torch.randn(1, 3, 6, device=device), torch.rand(1, 3, 6, device=device)
     A, B, C = -torch.rand(3, 2, device=device), torch.randn(1, 2, 6, device=device), torch.randn(1, 2, 6, device=device)
