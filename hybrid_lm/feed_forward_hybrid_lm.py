@@ -48,7 +48,10 @@ class HybridLMSparseMoeBlock(nn.Module):
     """Mixture of SwiGLU experts with top-K routing and no token dropping.
 
     Each expert is an `HybridLMMLP` (so adapters such as LoRA attach to every expert projection), and
-    runs once on the tokens routed to it.
+    runs once on the tokens routed to it. Under `torch.compile` the token counts per expert are unknown
+    while tracing, so there every expert runs on every token and the routing weights (zero for the
+    experts a token was not sent to) select the result: the same function, E/K times the expert FLOPs,
+    and no graph break.
     """
 
     def __init__(self, config: HybridLMConfig):
@@ -62,6 +65,10 @@ class HybridLMSparseMoeBlock(nn.Module):
         batch, length, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (T, H)
         router_logits, top_k_weights, top_k_index = self.router(tokens)
+        if torch.compiler.is_compiling():
+            dense_weights = torch.zeros_like(router_logits, dtype=tokens.dtype).scatter(1, top_k_index, top_k_weights)
+            output = sum(expert(tokens) * dense_weights[:, e, None] for e, expert in enumerate(self.experts))
+            return output.reshape(batch, length, hidden), router_logits
         # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)

@@ -7,8 +7,14 @@ import torch
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """(B, L) positions that restart at 0 per packed document -> (B, L) document ids, or None if unpacked."""
-    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+    """(B, L) positions that restart at 0 per packed document -> (B, L) document ids, or None if unpacked.
+
+    Under torch.compile the ids are always returned (checking for restarts would branch on data); for an
+    unpacked row they are constant, which changes nothing but the speed of the masked paths.
+    """
+    if position_ids.shape[1] < 2:
+        return None
+    if not torch.compiler.is_compiling() and not bool((position_ids[:, 1:] == 0).any()):
         return None
     return (position_ids == 0).cumsum(-1)
 

@@ -530,6 +530,7 @@ def _describe(key) -> str:
 # ----------------------------------------------------------------------------- models
 
 
+
 class HybridLMModel(HybridLMPreTrainedModel):
     """The decoder stack: embeddings, `num_hidden_layers` decoder layers, final RMSNorm."""
 
@@ -557,7 +558,7 @@ class HybridLMModel(HybridLMPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        seq_idx: torch.LongTensor | None = None,
     ) -> MoeModelOutputWithPast:
         """
         input_ids: (B, L) token ids, or inputs_embeds: (B, L, H).
@@ -566,6 +567,8 @@ class HybridLMModel(HybridLMPreTrainedModel):
             convention of transformers' `DataCollatorWithFlattening`): attention stays inside each
             document and the Mamba conv/SSM states restart at each boundary.
         past_key_values: a `HybridLMCache` returned by an earlier call (created when `use_cache`).
+        seq_idx: (B, L) document ids of a packed batch (DataCollatorWithFlattening(return_seq_idx=True));
+            an alternative to restarting position_ids.
         """
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
@@ -603,7 +606,12 @@ class HybridLMModel(HybridLMPreTrainedModel):
                     f"{tuple(position_ids.shape)}"
                 )
         token_mask = padding_mask[:, -length:] if padding_mask is not None else None
-        seq_idx = document_ids(position_ids) if position_ids is not None else None
+        if seq_idx is not None:
+            if seq_idx.shape != (batch, length):
+                raise ValueError(f"seq_idx must have shape (batch, new tokens) = ({batch}, {length}), got "
+                                 f"{tuple(seq_idx.shape)}")
+        elif position_ids is not None:
+            seq_idx = document_ids(position_ids)
         if position_ids is None:
             if padding_mask is not None:
                 position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
@@ -736,6 +744,7 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch
 
     def __init__(self, config: HybridLMConfig):
         super().__init__(config)
@@ -758,10 +767,13 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        seq_idx: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> HybridLMCausalLMOutput:
         """See `HybridLMModel.forward`. labels: (B, L) next-token targets (shifted inside), -100 = ignore.
-        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices."""
+        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
+        num_items_in_batch: target tokens in the whole (gradient-accumulated) batch, given by Trainer so the
+        loss is a sum over tokens divided by it rather than a mean per micro-batch."""
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -774,6 +786,7 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            seq_idx=seq_idx,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -791,7 +804,7 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
                 )
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position; leave logits_to_keep at 0 with labels")
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch)
 
         aux_loss = z_loss = None
         router_logits = outputs.router_logits
@@ -837,6 +850,13 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
                 )
         return super().generate(inputs, generation_config, **kwargs)
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # generate() of some transformers 5.x releases leaves its `tokenizer` (stop_strings) among the model
+        # inputs; forward takes no catch-all **kwargs, so drop generation-only objects here.
+        for key in ("tokenizer", "assistant_tokenizer"):
+            kwargs.pop(key, None)
+        return super().prepare_inputs_for_generation(*args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a HybridLMCache (transformers' own caches cannot hold Mamba states here)."""
         cache = model_kwargs.get("past_key_values")
@@ -881,8 +901,10 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        seq_idx: torch.LongTensor | None = None,
     ) -> SequenceClassifierOutputWithPast:
+        """See `HybridLMModel.forward`. labels: (B,) class ids (or (B, num_labels) targets for regression and
+        multi-label problems)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -892,6 +914,7 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            seq_idx=seq_idx,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
         batch, length = hidden_states.shape[:2]

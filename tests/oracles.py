@@ -43,8 +43,8 @@ def causal_conv1d_sequential(x, weight, bias=None, initial_state=None, seq_idx=N
     history_doc = [seq_idx[:, 0] if seq_idx is not None else None] * (width - 1)
     outs = []
     for t in range(length):
-        window = history[-(width - 1):] + [x[..., t]] if width > 1 else [x[..., t]]
-        docs = history_doc[-(width - 1):] + [seq_idx[:, t] if seq_idx is not None else None] if width > 1 else [None]
+        window = (history[-(width - 1):] if width > 1 else []) + [x[..., t]]
+        docs = (history_doc[-(width - 1):] if width > 1 else []) + [seq_idx[:, t] if seq_idx is not None else None]
         out = x.new_zeros(batch, channels)
         for k in range(width):
             contribution = window[k] * weight[:, k]

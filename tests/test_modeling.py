@@ -125,7 +125,8 @@ def test_save_and_load_through_auto_classes(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    for name in ("modeling_hybrid_lm.py", "configuration_hybrid_lm.py", "ssm_ops.py", "conv_ops.py"):
+    for name in ("modeling_hybrid_lm.py", "configuration_hybrid_lm.py", "ssm_ops.py", "conv_ops.py",
+                 "triton_ssm.py", "triton_conv.py", "cuda_ops.py", "custom_ops.py"):  # GPU kernels travel too
         assert (tmp_path / name).exists(), name
     input_ids = ids()
     expected = model(input_ids).logits
@@ -261,3 +262,39 @@ def test_dense_rope_model_matches_llama():
     _load_mixtral_weights(model, reference)
     input_ids = ids(length=12)
     torch.testing.assert_close(model(input_ids).logits, reference(input_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_keyword_arguments_are_refused_not_ignored():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="unexpected keyword argument .token_type_ids."):
+        model(ids(), token_type_ids=torch.zeros(2, 11, dtype=torch.long))
+    with pytest.raises(TypeError, match="unexpected keyword argument .foo."):
+        model.model(ids(), foo=1)
+
+
+def test_seq_idx_marks_packed_documents_like_restarting_positions():
+    model = tiny_model()
+    input_ids = ids(batch=1, length=12)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    seq_idx = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2]])
+    torch.testing.assert_close(model(input_ids, seq_idx=seq_idx).logits, model(input_ids, position_ids=positions).logits)
+
+
+def test_training_and_decoding_steps_trace_without_graph_breaks():
+    """torch.compile sees the whole step (experts and packed documents included) as one graph."""
+    model = tiny_model().train()
+    input_ids = ids(length=12)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]] * 2)
+
+    def train_step(input_ids, positions):
+        return model(input_ids, labels=input_ids, position_ids=positions).loss
+
+    explanation = torch._dynamo.explain(train_step)(input_ids, positions)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    model.eval()
+    cache = model(input_ids, use_cache=True).past_key_values
+    explanation = torch._dynamo.explain(lambda token: model(token, past_key_values=cache, use_cache=True).logits)(
+        input_ids[:, -1:]
+    )
+    assert explanation.graph_break_count == 0, explanation.break_reasons

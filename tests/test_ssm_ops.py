@@ -132,10 +132,10 @@ def conv_inputs(batch=2, channels=5, length=23, width=4, dtype=torch.float32):
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("width", [1, 2, 4])
 def test_causal_conv1d_matches_sequential_oracle(activation, with_state, packed, width):
     inputs = conv_inputs(width=width)
-    if not with_state:
+    if not with_state or width == 1:  # a width-1 conv carries no state
         inputs["initial_state"] = None
     seq_idx = None
     if packed:

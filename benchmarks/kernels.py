@@ -1,0 +1,220 @@
+"""Mamba kernel timings on one GPU: hybrid_lm's Triton kernels vs mamba-ssm / causal-conv1d vs the torch reference.
+
+    python benchmarks/kernels.py [--sweep] [--skip-torch] [--markdown FILE]
+
+Selective scan (bf16, with z, D, dt bias + softplus) forward and forward+backward at the shapes of
+issue #7, the causal conv1d (width 4, bias, silu), and the two decoding steps. Each time is the median
+of `triton.testing.do_bench`; bytes/s count each input read once and each output written once, and are
+compared with a device-to-device copy measured in the same run. `--sweep` instead times alternatives to the
+kernels' tile choices. mamba-ssm's package `__init__` imports modules
+a bare machine may lack, so its submodules are imported without running it.
+"""
+
+import argparse
+import importlib.util
+import sys
+import types
+
+import torch
+import triton
+import triton.testing
+
+from hybrid_lm import triton_conv, triton_ssm
+from hybrid_lm.conv_ops import causal_conv1d_ref, causal_conv1d_update_ref
+from hybrid_lm.ssm_ops import selective_scan_ref, selective_state_update_ref
+from hybrid_lm.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
+from hybrid_lm.triton_ssm import selective_scan_triton, selective_state_update_triton
+
+SCAN_SHAPES = [(4, 2048, 2048, 16), (1, 4096, 16384, 16), (8, 2048, 1024, 64)]
+CONV_SHAPES = [(4, 2048, 2048), (1, 4096, 16384), (8, 2048, 1024)]
+DECODE_SHAPES = [(1, 4096, 16), (16, 4096, 16), (64, 2048, 64)]
+
+
+def import_mamba_ssm():
+    """(selective_scan_fn, selective_state_update) from mamba-ssm without its package __init__, or Nones."""
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None:
+        return None, None
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("mamba_ssm", package)
+    found = []
+    for module, name in (("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+                         ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except Exception as error:  # report and go on: the other columns are still worth having
+            print(f"# could not import {module}.{name}: {error!r}")
+            found.append(None)
+    return tuple(found)
+
+
+def import_causal_conv1d():
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    except ImportError as error:
+        print(f"# causal-conv1d unavailable: {error!r}")
+        return None, None
+    return causal_conv1d_fn, causal_conv1d_update
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(1 << 29, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms * 1e3
+
+
+def scan_inputs(batch, channels, length, d_state, dtype=torch.bfloat16):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+    u, delta, z = rand(batch, channels, length), rand(batch, channels, length, scale=0.5), rand(batch, channels, length)
+    A = -torch.rand(channels, d_state, device="cuda") - 0.5
+    B, C = rand(batch, d_state, length), rand(batch, d_state, length)
+    D, bias = torch.randn(channels, device="cuda"), torch.randn(channels, device="cuda") * 0.3
+    return [u, delta, A, B, C, D, z, bias]
+
+
+def time_scan(fn, inputs, backward):
+    leaves = [t.detach().requires_grad_(backward) for t in inputs]
+    grad = torch.randn_like(inputs[0])
+
+    def run():
+        out = fn(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7], delta_softplus=True)
+        if backward:
+            out.backward(grad)
+    return bench(run)
+
+
+def scan_bytes(batch, channels, length, d_state, backward):
+    big, small = batch * channels * length * 2, batch * d_state * length * 2
+    forward = 4 * big + 2 * small  # u, delta, z in; out
+    return forward + (7 * big + 4 * small if backward else 0)  # + u, delta, z, dout, B, C in; du, ddelta, dz, dB, dC out
+
+
+def sweep_scan_tiles(shapes):
+    """Times (T, forward BLOCK_D, backward BLOCK_D) alternatives to `triton_ssm._tiles` at each shape."""
+    default_tiles = triton_ssm._tiles
+    candidates = [(256, 2, 2), (256, 1, 2), (256, 1, 1), (512, 1, 1), (128, 4, 4), (128, 2, 4)]
+    for shape in shapes:
+        inputs = scan_inputs(*shape)
+        print(f"# sweep {shape}: default tiles {default_tiles(*shape[:3])}", flush=True)
+        for tiles in candidates:
+            triton_ssm._tiles = lambda batch, channels, length, tiles=tiles: tiles
+            fwd = time_scan(selective_scan_triton, inputs, False)
+            both = time_scan(selective_scan_triton, inputs, True)
+            print(f"#   T={tiles[0]} fwd BLOCK_D={tiles[1]} bwd BLOCK_D={tiles[2]}: fwd {fwd:.3f} ms, "
+                  f"bwd {both - fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
+        del inputs
+    triton_ssm._tiles = default_tiles
+
+
+def sweep_conv_tiles(shape):
+    """Times (BLOCK_D, BLOCK_L, warps) alternatives for the conv kernels."""
+    default = triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS
+    batch, channels, length = shape
+    x = torch.randn(batch, channels, length, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    for tiles in [(16, 128, 4), (8, 256, 4), (4, 512, 4), (32, 64, 4), (16, 256, 8), (64, 64, 8)]:
+        triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS = tiles
+        fwd = bench(lambda: causal_conv1d_triton(x.detach(), weight.detach(), bias.detach(), activation="silu"))
+        both = bench(lambda: causal_conv1d_triton(x, weight, bias, activation="silu").backward(grad))
+        print(f"# conv sweep {shape} BLOCK_D={tiles[0]} BLOCK_L={tiles[1]} warps={tiles[2]}: fwd {fwd:.3f} ms, "
+              f"fwd+bwd {both:.3f} ms", flush=True)
+    triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS = default
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="only time alternative tile choices")
+    parser.add_argument("--skip-torch", action="store_true", help="leave out the (slow) torch reference")
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    scan_fn, state_update_fn = import_mamba_ssm()
+    conv_fn, conv_update_fn = import_causal_conv1d()
+    bandwidth = copy_bandwidth()
+    lines = [f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+             f"device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + write).", ""]
+    if args.sweep:
+        sweep_scan_tiles(SCAN_SHAPES)
+        sweep_conv_tiles(CONV_SHAPES[0])
+        return
+    lines.append("Scan tiles (T, forward BLOCK_D, backward BLOCK_D; one warp per program): "
+                 + ", ".join(f"{shape}: {triton_ssm._tiles(*shape[:3])}" for shape in SCAN_SHAPES) + ".")
+    lines.append("")
+
+    lines.append("| selective scan (B, D, L, N), bf16 | pass | triton ms | mamba-ssm ms | torch ms | triton / mamba-ssm | triton GB/s (of copy) |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for shape in SCAN_SHAPES:
+        inputs = scan_inputs(*shape)
+        for backward in (False, True):
+            ours = time_scan(selective_scan_triton, inputs, backward)
+            theirs = time_scan(scan_fn, inputs, backward) if scan_fn else float("nan")
+            ref = float("nan") if args.skip_torch else time_scan(selective_scan_ref, inputs, backward)
+            rate = scan_bytes(*shape, backward) / ours * 1e3
+            lines.append(f"| {shape} | {'fwd+bwd' if backward else 'fwd'} | {ours:.3f} | {theirs:.3f} | {ref:.2f} | "
+                         f"{ours / theirs:.2f} | {rate / 1e9:.0f} ({rate / bandwidth:.0%}) |")
+            print(lines[-1], flush=True)
+        del inputs
+
+    lines += ["", "| causal conv1d (B, D, L), K=4, bf16 | pass | triton ms | causal-conv1d ms | torch ms | triton / causal-conv1d | triton GB/s (of copy) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for batch, channels, length in CONV_SHAPES:
+        x = torch.randn(batch, channels, length, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
+        grad = torch.randn_like(x)
+        for backward in (False, True):
+            def timed(fn):
+                leaves = [t.detach().requires_grad_(backward) for t in (x, weight, bias)]
+
+                def run():
+                    out = fn(*leaves, activation="silu")
+                    if backward:
+                        out.backward(grad)
+                return bench(run)
+            ours = timed(causal_conv1d_triton)
+            theirs = timed(conv_fn) if conv_fn else float("nan")
+            ref = timed(causal_conv1d_ref)
+            rate = x.numel() * 2 * (2 if not backward else 5) / ours * 1e3  # x in, out; + x, dout in, dx out
+            lines.append(f"| {(batch, channels, length)} | {'fwd+bwd' if backward else 'fwd'} | {ours:.3f} | {theirs:.3f} | "
+                         f"{ref:.3f} | {ours / theirs:.2f} | {rate / 1e9:.0f} ({rate / bandwidth:.0%}) |")
+            print(lines[-1], flush=True)
+
+    lines += ["", "| decoding step (B, D, N) | op | triton ms | mamba-ssm / causal-conv1d ms | torch ms | ratio |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for batch, channels, d_state in DECODE_SHAPES:
+        def rand(*shape):
+            return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        state = torch.randn(batch, channels, d_state, device="cuda")
+        x, dt, z, B, C = rand(batch, channels), rand(batch, channels), rand(batch, channels), rand(batch, d_state), rand(batch, d_state)
+        A = -torch.rand(channels, d_state, device="cuda")
+        D, dt_bias = torch.randn(channels, device="cuda"), torch.randn(channels, device="cuda")
+        step = (x, dt, A, B, C, D, z, dt_bias, True)
+        ours = bench(lambda: selective_state_update_triton(state, *step))
+        theirs = bench(lambda: state_update_fn(state, *step)) if state_update_fn else float("nan")
+        ref = bench(lambda: selective_state_update_ref(state, *step))
+        lines.append(f"| {(batch, channels, d_state)} | ssm state update | {ours:.4f} | {theirs:.4f} | {ref:.4f} | {ours / theirs:.2f} |")
+        conv_state, weight, bias = rand(batch, channels, 3), rand(channels, 4), rand(channels)
+        ours = bench(lambda: causal_conv1d_update_triton(x, conv_state, weight, bias, "silu"))
+        theirs = bench(lambda: conv_update_fn(x, conv_state, weight, bias, "silu")) if conv_update_fn else float("nan")
+        ref = bench(lambda: causal_conv1d_update_ref(x, conv_state, weight, bias, "silu"))
+        lines.append(f"| {(batch, channels, 4)} | conv state update | {ours:.4f} | {theirs:.4f} | {ref:.4f} | {ours / theirs:.2f} |")
+        print(*lines[-2:], sep="\n", flush=True)
+
+    print("\n".join(lines))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Causal depthwise conv1d of the Mamba mixer: the Triton tier, forward, backward and the decoding step.
+
+Shape legend: B = batch, D = channels, L = length, K = kernel width, P = time steps per program.
+Same semantics and signatures as `conv_ops.causal_conv1d_ref` / `causal_conv1d_update_ref`:
+
+    out_t[d] = act(bias[d] + sum_k weight[d, k] * x_{t - (K - 1) + k}[d])
+
+with inputs before the sequence taken from `initial_state` (document of the row's first token) and,
+under `seq_idx`, inputs of another document counted as zero. Arithmetic is float32; outputs are
+rounded once to x's dtype.
+
+Each program owns a [BLOCK_D, P] tile of positions and reads the K shifted input tiles it needs (the
+overlap is served by the cache). The backward recomputes the pre-activation at the K positions each
+input feeds rather than storing it, and writes per-program partial sums of dweight / dbias that torch
+adds up (deterministic, no atomics).
+"""
+
+import torch
+
+try:  # transformers' remote-code loader skips imports inside try blocks; mamba_ops reports the absence
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the Triton kernels need triton: pip install triton") from error
+
+from .conv_ops import _activation
+from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
+
+_NS = op_namespace(__name__)
+
+_BLOCK_D, _BLOCK_L, _WARPS = 16, 128, 4
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, src, doc, channels, length,
+                WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """x[batch, offs_d, src] as float32 [BLOCK_D, P], from initial_state where src < 0, zero where src is
+    outside [-(K - 1), L) or (with seq_idx) belongs to another document than `doc` ([P])."""
+    inside = (src >= 0) & (src < length)
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    value = tl.load(x_ptr + rows[:, None] + src[None, :], mask=mask_d[:, None] & inside[None, :], other=0.0)
+    value = value.to(tl.float32)
+    if HAS_INIT:
+        before = (src < 0) & (src >= 1 - WIDTH)
+        init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1) + (WIDTH - 1)
+        value += tl.load(init_ptr + init_rows[:, None] + src[None, :], mask=mask_d[:, None] & before[None, :],
+                         other=0.0).to(tl.float32)
+    if HAS_SEQ:
+        # the carried-in state belongs to the row's first document
+        src_doc = tl.load(seq_ptr + batch * length + tl.maximum(src, 0), mask=src < length, other=0)
+        value = tl.where((src_doc == doc)[None, :], value, 0.0)
+    return value
+
+
+@triton.jit
+def _silu_grad(pre):
+    sig = tl.sigmoid(pre)
+    return sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, out_ptr,
+    channels, length,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """x, out: (B, D, L); weight: (D, K); bias: (D,); init: (B, D, K - 1); seq: (B, L). All contiguous."""
+    batch = tl.program_id(2).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < channels
+    mask_t = t < length
+    doc = tl.load(seq_ptr + batch * length + t, mask=mask_t, other=0) if HAS_SEQ else None
+    acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(WIDTH):
+        w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+        x = _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t - (WIDTH - 1) + k, doc, channels,
+                        length, WIDTH, HAS_INIT, HAS_SEQ)
+        acc += w[:, None] * x
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    tl.store(out_ptr + rows[:, None] + t[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & mask_t[None, :])
+
+
+@triton.jit
+def _conv_final_state_kernel(
+    x_ptr, init_ptr, seq_ptr, final_ptr,
+    channels, length,
+    WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """final: (B, D, K - 1), the last K - 1 inputs, zero where they belong to an earlier document than the last."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    j = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < channels
+    doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * j) if HAS_SEQ else None
+    value = _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, length - (WIDTH - 1) + j, doc, channels,
+                        length, WIDTH, HAS_INIT, HAS_SEQ)
+    final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
+    tl.store(final_ptr + final_rows[:, None] + j[None, :], value.to(final_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (j < WIDTH - 1)[None, :])
+
+
+@triton.jit
+def _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr, batch, offs_d, mask_d, s,
+                channels, length,
+                WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gradient of the inputs at positions s ([P], may be negative: initial-state positions), and the
+    pre-activation gradient at s itself (zero outside [0, L)). Input s feeds outputs s .. s + K - 1."""
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    src_doc = tl.load(seq_ptr + batch * length + tl.maximum(s, 0), mask=s < length, other=0) if HAS_SEQ else None
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    grad = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
+    grad_pre_here = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        t = s + j  # the output that input s reaches through weight[:, K - 1 - j]
+        valid = (t >= 0) & (t < length)
+        dout = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+        grad_pre = dout.to(tl.float32)
+        doc = tl.load(seq_ptr + batch * length + t, mask=valid, other=0) if HAS_SEQ else None
+        if SILU:
+            pre = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
+            if HAS_BIAS:
+                pre += bias[:, None]
+            for k in tl.static_range(WIDTH):
+                w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+                pre += w[:, None] * _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d,
+                                                t - (WIDTH - 1) + k, doc, channels, length, WIDTH, HAS_INIT, HAS_SEQ)
+            grad_pre = grad_pre * _silu_grad(pre)
+        if j == 0:
+            grad_pre_here = grad_pre
+        if HAS_SEQ:
+            grad_pre = tl.where((doc == src_doc)[None, :], grad_pre, 0.0)
+        w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+        grad += w[:, None] * grad_pre
+    if HAS_DFINAL:
+        # final_state[j] is input L - (K - 1) + j when it belongs to the last document
+        j_final = s - (length - (WIDTH - 1))
+        is_final = (j_final >= 0) & (j_final < WIDTH - 1)
+        final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
+        dfinal = tl.load(dfinal_ptr + final_rows[:, None] + j_final[None, :], mask=mask_d[:, None] & is_final[None, :],
+                         other=0.0).to(tl.float32)
+        if HAS_SEQ:
+            last_doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * s)
+            dfinal = tl.where((src_doc == last_doc)[None, :], dfinal, 0.0)
+        grad += dfinal
+    return grad, grad_pre_here
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr,
+    dx_ptr, dinit_ptr, dweight_ptr, dbias_ptr,
+    channels, length,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Inputs as in `_conv_fwd_kernel` plus dout (B, D, L) and dfinal (B, D, K - 1).
+    dx: (B, D, L); dinit: (B, D, K - 1); dweight: (B, nP, D, K) and dbias: (B, nP, D) float32 partial sums."""
+    pid_l = tl.program_id(0)
+    batch = tl.program_id(2).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < channels
+    mask = mask_d[:, None] & (s < length)[None, :]
+    grad, grad_pre = _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr, batch,
+                                 offs_d, mask_d, s, channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ,
+                                 HAS_DFINAL, SILU, BLOCK_D)
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    tl.store(dx_ptr + rows[:, None] + s[None, :], grad.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    # 2. per-program partial sums of dweight and dbias over this program's outputs
+    doc = tl.load(seq_ptr + batch * length + s, mask=s < length, other=0) if HAS_SEQ else None
+    partial = (batch * tl.num_programs(0) + pid_l) * channels + offs_d
+    for k in tl.static_range(WIDTH):
+        x = _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, s - (WIDTH - 1) + k, doc, channels, length,
+                        WIDTH, HAS_INIT, HAS_SEQ)
+        tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(grad_pre * x, axis=1), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + partial, tl.sum(grad_pre, axis=1), mask=mask_d)
+
+    # 3. the initial state's positions -(K - 1) .. -1, once per row
+    if HAS_INIT:
+        if pid_l == 0:
+            s_init = tl.arange(0, BLOCK_K) - (WIDTH - 1)
+            grad_init, _ = _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr, batch,
+                                       offs_d, mask_d, s_init, channels, length, WIDTH, HAS_BIAS, HAS_INIT,
+                                       HAS_SEQ, HAS_DFINAL, SILU, BLOCK_D)
+            init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1) + (WIDTH - 1)
+            tl.store(dinit_ptr + init_rows[:, None] + s_init[None, :], grad_init.to(dinit_ptr.dtype.element_ty),
+                     mask=mask_d[:, None] & (s_init < 0)[None, :])
+
+
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr,
+    channels, stride_x_b, stride_state_b, stride_state_d, stride_state_k, stride_out_b,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """x, out: (B, D) with unit channel stride; state: (B, D, K - 1), shifted in place; weight: (D, K)."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    j = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < channels
+    in_state = mask_d[:, None] & (j < WIDTH - 1)[None, :]
+    state_ptrs = state_ptr + batch * stride_state_b + offs_d[:, None] * stride_state_d + j[None, :] * stride_state_k
+    x = tl.load(x_ptr + batch * stride_x_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    state = tl.load(state_ptrs, mask=in_state, other=0.0).to(tl.float32)
+    # the window is (state[0], ..., state[K - 2], x); the new state drops state[0] and appends x
+    shifted = tl.load(state_ptrs + stride_state_k, mask=in_state & (j < WIDTH - 2)[None, :], other=0.0).to(tl.float32)
+    shifted = tl.where((j == WIDTH - 2)[None, :], x[:, None], shifted)
+    weight = tl.load(weight_ptr + offs_d[:, None] * WIDTH + j[None, :], mask=in_state, other=0.0).to(tl.float32)
+    out = tl.sum(state * weight, axis=1)
+    out += x * tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1), mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SILU:
+        out = out * tl.sigmoid(out)
+    tl.debug_barrier()  # every read of the old state happens before any write of the new one
+    tl.store(state_ptrs, shifted.to(state_ptr.dtype.element_ty), mask=in_state)
+    tl.store(out_ptr + batch * stride_out_b + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _block_k(width: int) -> int:
+    return triton.next_power_of_2(max(width - 1, 1))
+
+
+def _conv_fwd(x, weight, bias, initial_state, seq_idx, silu):
+    batch, channels, length = x.shape
+    width = weight.shape[1]
+    x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
+                                         for t in (x, weight, initial_state, seq_idx))
+    out = x.new_empty(x.shape)
+    final_state = x.new_empty(batch, channels, width - 1)
+    flags = dict(WIDTH=width, HAS_INIT=initial_state is not None and width > 1, HAS_SEQ=seq_idx is not None)
+    grid = (triton.cdiv(length, _BLOCK_L), triton.cdiv(channels, _BLOCK_D), batch)
+    _conv_fwd_kernel[grid](
+        x, weight, bias, initial_state, seq_idx, out, channels, length,
+        HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L, num_warps=_WARPS, **flags,
+    )
+    if width > 1:
+        _conv_final_state_kernel[(triton.cdiv(channels, _BLOCK_D), batch)](
+            x, initial_state, seq_idx, final_state, channels, length,
+            BLOCK_D=_BLOCK_D, BLOCK_K=_block_k(width), num_warps=_WARPS, **flags,
+        )
+    return out, final_state
+
+
+def _conv_bwd(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu):
+    batch, channels, length = x.shape
+    width = weight.shape[1]
+    x, weight, initial_state, seq_idx, grad_out, grad_final_state = (
+        t.contiguous() if t is not None else None
+        for t in (x, weight, initial_state, seq_idx, grad_out, grad_final_state)
+    )
+    has_init = initial_state is not None and width > 1
+    n_blocks = triton.cdiv(length, _BLOCK_L)
+    dx = x.new_empty(x.shape)
+    dinit = initial_state.new_zeros(initial_state.shape) if initial_state is not None else x.new_empty(0)
+    dweight = torch.empty(batch, n_blocks, channels, width, device=x.device, dtype=torch.float32)
+    dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, _BLOCK_D), batch)](
+        x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state,
+        dx, dinit, dweight, dbias, channels, length,
+        WIDTH=width, HAS_BIAS=bias is not None, HAS_INIT=has_init, HAS_SEQ=seq_idx is not None,
+        HAS_DFINAL=grad_final_state is not None and width > 1, SILU=silu,
+        BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L, BLOCK_K=_block_k(width), num_warps=_WARPS,
+    )
+    return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+
+
+@torch.library.custom_op(f"{_NS}::causal_conv1d_fwd", mutates_args=())
+def _causal_conv1d_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None, silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns out (B, D, L) and the final state (B, D, K - 1), both in x's dtype."""
+    return _conv_fwd(x, weight, bias, initial_state, seq_idx, silu)
+
+
+@_causal_conv1d_fwd_op.register_fake
+def _(x, weight, bias, initial_state, seq_idx, silu):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1)
+
+
+@torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", mutates_args=())
+def _causal_conv1d_bwd_op(
+    grad_out: torch.Tensor, grad_final_state: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx, d(initial_state) (empty when it is None), dweight and dbias (float32; empty when None)."""
+    return _conv_bwd(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu)
+
+
+@_causal_conv1d_bwd_op.register_fake
+def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu):
+    dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
+    dbias = x.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32)
+    return x.new_empty(x.shape), dinit, weight.new_empty(weight.shape, dtype=torch.float32), dbias
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, initial_state, seq_idx, silu = inputs
+    ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
+    ctx.silu = silu
+
+
+def _conv_backward(ctx, grad_out, grad_final_state):
+    x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
+    dx, dinit, dweight, dbias = _causal_conv1d_bwd_op(
+        grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu
+    )
+    return (
+        dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
+        dinit if initial_state is not None else None, None, None,
+    )
+
+
+_causal_conv1d_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def _conv_update(x, conv_state, weight, bias, silu):
+    batch, channels = x.shape
+    width = weight.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    out = x.new_empty(x.shape)
+    block_d = min(triton.next_power_of_2(channels), 256)
+    _conv_update_kernel[(triton.cdiv(channels, block_d), batch)](
+        x, conv_state, weight, bias, out,
+        channels, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), out.stride(0),
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d, BLOCK_K=_block_k(width), num_warps=4,
+    )
+    return out
+
+
+@torch.library.custom_op(f"{_NS}::causal_conv1d_update", mutates_args=("conv_state",))
+def _causal_conv1d_update_op(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+) -> torch.Tensor:
+    return _conv_update(x, conv_state, weight, bias, silu)
+
+
+@_causal_conv1d_update_op.register_fake
+def _(x, conv_state, weight, bias, silu):
+    return x.new_empty(x.shape)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_conv_inputs(op, x, weight, bias, activation, **tensors):
+    _activation(activation)  # raises ValueError for an unknown name
+    require_float_inputs(op, x=x, weight=weight, bias=bias, **tensors)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be (channels, width), got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+
+
+def causal_conv1d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    activation: str | None = None,
+    return_final_state: bool = False,
+):
+    """Causal depthwise convolution over a whole sequence; same contract as `conv_ops.causal_conv1d_ref`.
+
+    Args:
+        x: (B, D, L).  weight: (D, K).  bias: (D,).
+        initial_state: (B, D, K - 1) inputs preceding x.  seq_idx: (B, L) document ids.
+        activation: None, "silu" or "swish".
+    Returns:
+        out (B, D, L) in x's dtype and, with `return_final_state`, the last K - 1 inputs
+        (B, D, K - 1), zeroed where they belong to an earlier document than the last one.
+        Differentiable in x, weight, bias and initial_state.
+    """
+    _check_conv_inputs("causal_conv1d_triton", x, weight, bias, activation, initial_state=initial_state)
+    if x.dim() != 3 or x.shape[1] != weight.shape[0] or x.shape[2] == 0:
+        raise ValueError(
+            f"x must be (batch, {weight.shape[0]}, length >= 1) for weight {tuple(weight.shape)}, got {tuple(x.shape)}"
+        )
+    batch, channels, length = x.shape
+    if initial_state is not None and tuple(initial_state.shape) != (batch, channels, weight.shape[1] - 1):
+        raise ValueError(
+            f"initial_state has shape {tuple(initial_state.shape)}, expected {(batch, channels, weight.shape[1] - 1)}"
+        )
+    if seq_idx is not None and tuple(seq_idx.shape) != (batch, length):
+        raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(batch, length)}")
+    args = (x, weight, bias, initial_state, seq_idx, activation is not None)
+    # the custom op is for torch.compile and autograd; eager inference skips its dispatch overhead
+    out, final_state = (_causal_conv1d_fwd_op if needs_custom_op(*args[:4]) else _conv_fwd)(*args)
+    return (out, final_state) if return_final_state else out
+
+
+def causal_conv1d_update_triton(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One decoding step for a batch, shifting `x` into `conv_state` in place; same contract as
+    `conv_ops.causal_conv1d_update_ref`.
+
+    Args:
+        x: (B, D).  conv_state: (B, D, K - 1).  weight: (D, K).  bias: (D,).
+    Returns:
+        out: (B, D) in x's dtype.
+    """
+    _check_conv_inputs("causal_conv1d_update_triton", x, weight, bias, activation, conv_state=conv_state)
+    expected = (x.shape[0], weight.shape[0], weight.shape[1] - 1)
+    if x.dim() != 2 or x.shape[1] != weight.shape[0] or tuple(conv_state.shape) != expected:
+        raise ValueError(
+            f"x must be (batch, {weight.shape[0]}) and conv_state {expected} for weight {tuple(weight.shape)}, "
+            f"got x {tuple(x.shape)} and conv_state {tuple(conv_state.shape)}"
+        )
+    op = _causal_conv1d_update_op if torch.compiler.is_compiling() else _conv_update  # as in causal_conv1d_triton
+    return op(x, conv_state, weight, bias, activation is not None)

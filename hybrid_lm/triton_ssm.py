@@ -1,0 +1,611 @@
+"""Selective state-space scan (Mamba-1): the Triton tier, forward, backward and the decoding step.
+
+Shape legend: B = batch, D = channels (d_inner), L = length, N = d_state, T = chunk length,
+nc = number of chunks = ceil(L / T).
+Same semantics and signatures as `ssm_ops.selective_scan_ref` / `selective_state_update_ref` (see there
+for the recurrence): dt bias + softplus, D skip, silu(z) gate, initial state, final state and state
+resets where `seq_idx` changes are all fused. State and accumulation are float32 whatever the input
+dtype (bf16, fp16, fp32; float64 is the torch tier's job).
+
+Layout of the work: one program (one warp) per (block of BLOCK_D channels, batch row) walks the
+sequence in chunks of T steps. For each chunk it loads [BLOCK_D, T] tiles of u, delta (and z) once, then loops
+over the N states: builds the decays a = exp(delta * A[:, n]) and inputs b = delta * u * B[n] as
+[BLOCK_D, T] tiles and solves h_t = a_t * h_{t-1} + b_t with `tl.associative_scan` along T. The state
+that carries one chunk into the next goes through a small float32 buffer `states` (B, nc + 1, N, D):
+slot c holds the state before chunk c, so it doubles as the checkpoint the backward pass recomputes
+a chunk from, slot 0 is the initial state and slot nc the final one.
+
+The backward walks chunks in reverse with the same tiles: recompute a chunk's states from its slot,
+solve the adjoint lam_t = g_t * C_t + a_{t+1} * lam_{t+1} with a reversed scan (carried between
+chunks through a second buffer like `states`), and form every gradient from h and lam. dB and dC are
+sums over channels: each program reduces its BLOCK_D rows and adds into float32 buffers atomically.
+dA, dD and the dt bias get per-program partial sums that torch adds up afterwards.
+"""
+
+import torch
+
+try:  # transformers' remote-code loader skips imports inside try blocks; mamba_ops reports the absence
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the Triton kernels need triton: pip install triton") from error
+
+from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
+
+_NS = op_namespace(__name__)
+
+# Tiles (see `_tiles`); tests lower _MAX_CHUNK to cross several chunks on tiny inputs.
+_MAX_CHUNK = 256
+_ELEMENTS_PER_WARP = 512
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _first_order_combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): x -> a2 * (a1 * x + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|); log1p(w) = log(1 + w) * w / ((1 + w) - 1) keeps small w exact
+    w = tl.exp(-tl.abs(x))
+    one_plus = 1.0 + w
+    log1p = tl.where(one_plus == 1.0, w, tl.log(one_plus) * w / (one_plus - 1.0))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p)
+
+
+@triton.jit
+def _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Returns (dt after bias and softplus, zero where masked; dt before softplus)."""
+    raw = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _gate_grad(dout_ptr, z_ptr, offsets, mask, HAS_Z: tl.constexpr):
+    """dL/dy from dL/dout, out = y * silu(z)."""
+    dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dout = dout * z * tl.sigmoid(z)
+    return dout
+
+
+@triton.jit
+def _resets(seq_ptr, batch, t, length):
+    """[T] bool, True where seq_idx[batch, t] != seq_idx[batch, t - 1] (never at t = 0 or past the end)."""
+    inside = (t > 0) & (t < length)
+    row = seq_ptr + batch * length
+    current = tl.load(row + t, mask=inside, other=0)
+    previous = tl.load(row + t - 1, mask=inside, other=0)
+    return inside & (current != previous)
+
+
+@triton.jit
+def _state_inputs(A_ptr, B_ptr, C_ptr, slot_ptr, n, d_state, channels, length, BC_row, offs_d, t, mask_d, mask_t):
+    """A[:, n] ([BLOCK_D]), B[n] and C[n] over the chunk ([T]) and column n of a states slot ([BLOCK_D]);
+    zeros for n = N, the prefetch past the last state."""
+    mask_d = mask_d & (offs_d * 0 + n < d_state)
+    mask_t = mask_t & (t * 0 + n < d_state)
+    A_n = tl.load(A_ptr + n * channels + offs_d, mask=mask_d, other=0.0)
+    B_n = tl.load(B_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
+    C_n = tl.load(C_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
+    slot_n = tl.load(slot_ptr + n * channels, mask=mask_d, other=0.0)
+    return A_n, B_n, C_n, slot_n
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
+    out_ptr, states_ptr,
+    channels, length, d_state,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """u, delta, z, out: (B, D, L); A: (N, D) float32 (transposed); B, C: (B, N, L); D, bias: (D,);
+    seq: (B, L); states: (B, nc + 1, N, D) float32 with slot 0 filled. All contiguous."""
+    pid_d = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < channels
+    rows = batch * channels * length + offs_d.to(tl.int64) * length  # [BLOCK_D]
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    BC_row = batch * d_state * length
+    n_chunks = tl.cdiv(length, BLOCK_T)
+    slot_size = d_state * channels
+    states_row = states_ptr + batch * (n_chunks + 1) * slot_size + offs_d
+    last = (offs_j == BLOCK_T - 1)[None, :]
+
+    for chunk in range(n_chunks):
+        t = chunk * BLOCK_T + offs_j
+        mask_t = t < length
+        mask = mask_d[:, None] & mask_t[None, :]
+        offsets = rows[:, None] + t[None, :]
+        u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        reset = _resets(seq_ptr, batch, t, length)[None, :] if HAS_SEQ else None
+        y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        # slot `chunk` was written by other threads in the previous iteration
+        tl.debug_barrier()
+        slot = states_row + chunk * slot_size
+        A_n, B_n, C_n, h0 = _state_inputs(A_ptr, B_ptr, C_ptr, slot, 0, d_state, channels, length, BC_row, offs_d, t,
+                                          mask_d, mask_t)
+        for n in range(d_state):
+            # the next state's loads go out before this state's arithmetic, which hides their latency
+            A_next, B_next, C_next, h0_next = _state_inputs(A_ptr, B_ptr, C_ptr, slot, n + 1, d_state, channels,
+                                                            length, BC_row, offs_d, t, mask_d, mask_t)
+            a = tl.exp2(dt * (A_n * 1.4426950408889634)[:, None])
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
+            decay, h = tl.associative_scan((a, dtu * B_n[None, :]), axis=1, combine_fn=_first_order_combine)
+            h += decay * h0[:, None]  # the chunk's start state enters after the scan, which need not wait for it
+            y += h * C_n[None, :]
+            # past the end a = 1 and b = 0, so the last column is the state after this chunk. A masked
+            # store of the column would move the whole tile through shared memory: reduce instead.
+            h_last = tl.sum(tl.where(last, h, 0.0), axis=1)
+            tl.store(states_row + (chunk + 1) * slot_size + n * channels, h_last, mask=mask_d)
+            A_n, B_n, C_n, h0 = A_next, B_next, C_next, h0_next
+        if HAS_D:
+            y += u * skip[:, None]
+        if HAS_Z:
+            z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, dout_ptr, states_ptr,
+    adjoint_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    channels, length, d_state,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Inputs as in `_scan_fwd_kernel`, plus dout (B, D, L) and the forward's `states`.
+    adjoint: (B, nc + 1, N, D) float32, slot nc filled with the final state's gradient; slot c gets
+    dL/d(state before chunk c), so slot 0 ends as the initial state's gradient.
+    du, ddelta, dz: (B, D, L) in the inputs' dtypes.  dB, dC: (B, N, L) float32, zeroed, added into.
+    dA: (B, nc, N, D), dD, dbias: (B, D) float32 partial sums."""
+    pid_d = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < channels
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    BC_row = batch * d_state * length
+    n_chunks = tl.cdiv(length, BLOCK_T)
+    slot_size = d_state * channels
+    states_row = states_ptr + batch * (n_chunks + 1) * slot_size + offs_d
+    adjoint_row = adjoint_ptr + batch * (n_chunks + 1) * slot_size + offs_d
+    dA_row = dA_ptr + batch * n_chunks * slot_size + offs_d
+    first = (offs_j == 0)[None, :]
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    for chunk_from_end in range(n_chunks):
+        chunk = n_chunks - 1 - chunk_from_end
+        t = chunk * BLOCK_T + offs_j
+        mask_t = t < length
+        mask = mask_d[:, None] & mask_t[None, :]
+        offsets = rows[:, None] + t[None, :]
+        u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        # the adjoint needs a_{t+1}: recompute it from delta one step ahead rather than shift a tile
+        mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
+        dt_next, _ = _load_dt(delta_ptr, offsets + 1, mask_next, bias, HAS_BIAS, SOFTPLUS)
+        if HAS_SEQ:
+            reset = _resets(seq_ptr, batch, t, length)[None, :]
+            reset_next = _resets(seq_ptr, batch, t + 1, length)[None, :]
+        g = _gate_grad(dout_ptr, z_ptr, offsets, mask, HAS_Z)  # dL/dy, y = scan + D * u
+        y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        d_dt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        d_dtu = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)  # dL/d(dt * u) = sum_n lam * B
+        tl.debug_barrier()
+        slot = states_row + chunk * slot_size
+        carry_slot = adjoint_row + (chunk + 1) * slot_size
+        A_n, B_n, C_n, h0 = _state_inputs(A_ptr, B_ptr, C_ptr, slot, 0, d_state, channels, length, BC_row, offs_d, t,
+                                          mask_d, mask_t)
+        carry = tl.load(carry_slot, mask=mask_d, other=0.0)
+        for n in range(d_state):
+            # prefetch as in the forward
+            A_next, B_next, C_next, h0_next = _state_inputs(A_ptr, B_ptr, C_ptr, slot, n + 1, d_state, channels,
+                                                            length, BC_row, offs_d, t, mask_d, mask_t)
+            carry_next = tl.load(carry_slot + (n + 1) * channels, mask=mask_d & (offs_d * 0 + n + 1 < d_state), other=0.0)
+            A2_n = (A_n * 1.4426950408889634)[:, None]
+            # 1. recompute this chunk's states
+            a = tl.exp2(dt * A2_n)
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
+            b = dtu * B_n[None, :]
+            decay, h = tl.associative_scan((a, b), axis=1, combine_fn=_first_order_combine)
+            h += decay * h0[:, None]
+            y += h * C_n[None, :]
+            tl.atomic_add(dC_ptr + BC_row + n * length + t, tl.sum(g * h, axis=0), mask=mask_t, sem="relaxed")
+            # 2. adjoint, reversed: lam_t = g_t * C_t + a_{t+1} * lam_{t+1}. Past the end a = 1; the last
+            #    column's a_{t+1} belongs to the next chunk and is already inside `carry`.
+            a_next = tl.exp2(dt_next * A2_n)
+            if HAS_SEQ:
+                a_next = tl.where(reset_next, 0.0, a_next)
+            a_next = tl.where(mask_next & (offs_j < BLOCK_T - 1)[None, :], a_next, 1.0)
+            decay_after, lam = tl.associative_scan((a_next, g * C_n[None, :]), axis=1,
+                                                   combine_fn=_first_order_combine, reverse=True)
+            lam += decay_after * carry[:, None]
+            carry_out = tl.sum(tl.where(first, a * lam, 0.0), axis=1)  # a column, as in the forward
+            tl.store(adjoint_row + chunk * slot_size + n * channels, carry_out, mask=mask_d)
+            # 3. gradients: d/d(dt * A) of a_t * h_{t-1} is lam_t * (h_t - b_t)
+            grad_log_a = tl.where(mask, lam * (h - b), 0.0)
+            d_dt += grad_log_a * A_n[:, None]
+            tl.store(dA_row + chunk * slot_size + n * channels, tl.sum(grad_log_a * dt, axis=1), mask=mask_d)
+            d_dtu += lam * B_n[None, :]
+            tl.atomic_add(dB_ptr + BC_row + n * length + t, tl.sum(lam * dtu, axis=0), mask=mask_t, sem="relaxed")
+            A_n, B_n, C_n, h0, carry = A_next, B_next, C_next, h0_next, carry_next
+
+        du = d_dtu * dt
+        d_dt += d_dtu * u
+        if HAS_D:
+            y += u * skip[:, None]
+            du += g * skip[:, None]
+            dD_acc += tl.sum(g * u, axis=1)
+        # dout, z and the raw dt are loaded again rather than kept in registers through the state loop
+        if HAS_Z:
+            dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            z_sig = tl.sigmoid(z)
+            dz = dout * y * z_sig * (1.0 + z * (1.0 - z_sig))
+            tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if SOFTPLUS:
+            _, dt_raw = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, False)
+            d_dt = d_dt * tl.sigmoid(dt_raw)
+        d_dt = tl.where(mask, d_dt, 0.0)
+        dbias_acc += tl.sum(d_dt, axis=1)
+        tl.store(du_ptr + offsets, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + offsets, d_dt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+
+    if HAS_D:
+        tl.store(dD_ptr + batch * channels + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + batch * channels + offs_d, dbias_acc, mask=mask_d)
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+    channels, d_state,
+    stride_state_b, stride_state_d, stride_state_n, stride_x_b, stride_dt_b, stride_z_b,
+    stride_B_b, stride_C_b, stride_out_b,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """state: (B, D, N), updated in place; x, dt, z, out: (B, D) with unit channel stride;
+    A: (D, N) contiguous; B, C: (B, N) with unit state stride; D, bias: (D,)."""
+    pid_d = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < channels
+    mask_n = offs_n < d_state
+    mask = mask_d[:, None] & mask_n[None, :]
+    x = tl.load(x_ptr + batch * stride_x_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + batch * stride_dt_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + offs_d[:, None] * d_state + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + batch * stride_B_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + batch * stride_C_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    state_ptrs = state_ptr + batch * stride_state_b + offs_d[:, None] * stride_state_d + offs_n[None, :] * stride_state_n
+    state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    state = state * tl.exp2(dt[:, None] * A * 1.4426950408889634) + (dt * x)[:, None] * B[None, :]
+    tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+    out = tl.sum(state * C[None, :], axis=1)
+    if HAS_D:
+        out += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + batch * stride_z_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        out = out * z * tl.sigmoid(z)
+    tl.store(out_ptr + batch * stride_out_b + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _tiles(batch: int, channels: int, length: int) -> tuple[int, int, int]:
+    """(T, forward BLOCK_D, backward BLOCK_D) for one-warp programs.
+
+    One warp per program keeps the scans along T and the backward's sums over channels inside a warp
+    (shuffles, no shared memory or barriers). A tile holds _ELEMENTS_PER_WARP elements: two channels by
+    T = 256 steps on long sequences, more channels on short ones. Chosen by timing alternatives on an
+    H100 (`python benchmarks/kernels.py --sweep`, figures in benchmarks/RESULTS.md).
+    """
+    chunk = min(_MAX_CHUNK, max(16, triton.next_power_of_2(length)))
+    block_d = max(1, _ELEMENTS_PER_WARP // chunk)
+    return chunk, block_d, block_d
+
+
+def _num_chunks(batch: int, channels: int, length: int) -> int:
+    return -(-length // _tiles(batch, channels, length)[0])
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+    batch, channels, length = u.shape
+    d_state = A.shape[1]
+    chunk, block_d, _ = _tiles(batch, channels, length)
+    n_chunks = -(-length // chunk)
+    u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
+    A_t = A.float().t().contiguous()  # (N, D)
+    states = torch.empty(batch, n_chunks + 1, d_state, channels, device=u.device, dtype=torch.float32)
+    if initial_state is not None:
+        states[:, 0] = initial_state.transpose(1, 2)
+    else:
+        states[:, 0] = 0.0
+    out = u.new_empty(u.shape)
+    grid = (triton.cdiv(channels, block_d), batch)
+    _scan_fwd_kernel[grid](
+        u, delta, A_t, B, C, D, z, delta_bias, seq_idx, out, states,
+        channels, length, d_state,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
+    )
+    return out, states[:, -1].transpose(1, 2).contiguous(), states
+
+
+def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus):
+    batch, channels, length = u.shape
+    d_state = A.shape[1]
+    chunk, _, block_d = _tiles(batch, channels, length)
+    n_chunks = states.shape[1] - 1
+    u, delta, B, C, z, seq_idx, grad_out = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx, grad_out))
+    A_t = A.float().t().contiguous()
+    adjoint = states.new_empty(states.shape)
+    if grad_final_state is not None:
+        adjoint[:, -1] = grad_final_state.transpose(1, 2)
+    else:
+        adjoint[:, -1] = 0.0
+    du, ddelta = u.new_empty(u.shape), delta.new_empty(delta.shape)
+    dz = z.new_empty(z.shape) if z is not None else None
+    dB = torch.zeros(B.shape, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(C.shape, device=u.device, dtype=torch.float32)
+    dA = torch.empty(batch, n_chunks, d_state, channels, device=u.device, dtype=torch.float32)
+    dD = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if D is not None else None
+    dbias = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    grid = (triton.cdiv(channels, block_d), batch)
+    _scan_bwd_kernel[grid](
+        u, delta, A_t, B, C, D, z, delta_bias, seq_idx, grad_out, states,
+        adjoint, du, ddelta, dz, dB, dC, dA, dD, dbias,
+        channels, length, d_state,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
+    )
+    def absent():  # a fresh empty tensor each time: outputs of a custom op may not alias
+        return u.new_empty(0)
+
+    return (
+        du, ddelta, dA.sum((0, 1)).t().contiguous(), dB, dC,
+        dD.sum(0) if dD is not None else absent(), dz if dz is not None else absent(),
+        dbias.sum(0) if dbias is not None else absent(),
+        adjoint[:, 0].transpose(1, 2).contiguous(),
+    )
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+
+
+@torch.library.custom_op(f"{_NS}::selective_scan_fwd", mutates_args=())
+def _selective_scan_fwd_op(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns out (B, D, L), final state (B, D, N) float32 and the chunk-start states (B, nc + 1, N, D)."""
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus)
+
+
+@_selective_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+    batch, channels, length = u.shape
+    d_state = A.shape[1]
+    states = u.new_empty(batch, _num_chunks(batch, channels, length) + 1, d_state, channels, dtype=torch.float32)
+    return u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32), states
+
+
+@torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd_op(
+    grad_out: torch.Tensor, grad_final_state: torch.Tensor | None,
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None, states: torch.Tensor, delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """Returns du, ddelta, dA, dB, dC (float32), dD, dz, d(delta_bias) (float32; empty when the input is None),
+    d(initial state) (float32). Custom ops cannot return None."""
+    return _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states,
+                     delta_softplus)
+
+
+@_selective_scan_bwd_op.register_fake
+def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus):
+    batch, channels, _ = u.shape
+    d_state = A.shape[1]
+    f32 = torch.float32
+    return (
+        u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(channels, d_state, dtype=f32),
+        B.new_empty(B.shape, dtype=f32), C.new_empty(C.shape, dtype=f32),
+        u.new_empty(channels if D is not None else 0, dtype=f32),
+        z.new_empty(z.shape) if z is not None else u.new_empty(0),
+        u.new_empty(channels if delta_bias is not None else 0, dtype=f32),
+        u.new_empty(batch, channels, d_state, dtype=f32),
+    )
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
+    ctx.delta_softplus = delta_softplus
+    ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
+
+
+def _scan_backward(ctx, grad_out, grad_final_state, _grad_states):
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _selective_scan_bwd_op(
+        grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, ctx.delta_softplus
+    )
+    return (
+        du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
+        dbias.to(delta_bias.dtype) if delta_bias is not None else None,
+        dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None,
+        None, None,
+    )
+
+
+_selective_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    batch, channels, d_state = state.shape
+    x, dt, z = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, dt, z))
+    B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C))
+    A = A.contiguous()
+    out = x.new_empty(x.shape)
+    block_n = triton.next_power_of_2(d_state)
+    block_d = max(1, min(triton.next_power_of_2(channels), 2048 // block_n))
+    grid = (triton.cdiv(channels, block_d), batch)
+    _state_update_kernel[grid](
+        state, x, dt, A, B, C, D, z, dt_bias, out,
+        channels, d_state,
+        state.stride(0), state.stride(1), state.stride(2), x.stride(0), dt.stride(0),
+        z.stride(0) if z is not None else 0, B.stride(0), C.stride(0), out.stride(0),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
+
+
+@torch.library.custom_op(f"{_NS}::selective_state_update", mutates_args=("state",))
+def _selective_state_update_op(
+    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+) -> torch.Tensor:
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@_selective_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+    require_float_inputs("selective_scan_triton", u=u, delta=delta, B=B, C=C, z=z)
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
+    batch, channels, length = u.shape
+    if length == 0:
+        raise ValueError("u has length 0; call the scan with at least one step")
+    d_state = A.shape[-1]
+    expected = {
+        "delta": (delta, (batch, channels, length)), "A": (A, (channels, d_state)),
+        "B": (B, (batch, d_state, length)), "C": (C, (batch, d_state, length)),
+        "D": (D, (channels,)), "z": (z, (batch, channels, length)), "delta_bias": (delta_bias, (channels,)),
+        "initial_state": (initial_state, (batch, channels, d_state)), "seq_idx": (seq_idx, (batch, length)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {shape} for u of shape {tuple(u.shape)} "
+                f"and d_state {d_state}; B and C must be (batch, d_state, length)"
+            )
+    if seq_idx is not None and (seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool):
+        raise TypeError(f"seq_idx must hold integer document ids, got {seq_idx.dtype}")
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Fused selective scan; same contract as `ssm_ops.selective_scan_ref`.
+
+    Args:
+        u: (B, D, L) input.  delta: (B, D, L) step size before bias/softplus.  A: (D, N).
+        B, C: (B, N, L).  D: (D,) skip.  z: (B, D, L) gate.  delta_bias: (D,).
+        initial_state: (B, D, N) state before the first step (zeros when None).
+        seq_idx: (B, L) integer document ids of a packed batch; the state restarts where it changes.
+    Returns:
+        out (B, D, L) in u's dtype, and with `return_final_state` the state after the last step
+        (B, D, N) in float32. Differentiable in every tensor but seq_idx.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus))
+    # the custom op is for torch.compile and autograd; eager inference skips its dispatch overhead
+    op = _selective_scan_fwd_op if needs_custom_op(*args[:9]) else _scan_fwd
+    out, final_state, _ = op(*args)
+    return (out, final_state) if return_final_state else out
+
+
+def selective_state_update_triton(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> torch.Tensor:
+    """One decoding step for a batch, updating `state` in place; same contract as
+    `ssm_ops.selective_state_update_ref`.
+
+    Args:
+        state: (B, D, N), float32 (any float dtype works; the arithmetic is float32).
+        x, dt, z: (B, D).  A: (D, N).  B, C: (B, N).  D, dt_bias: (D,).
+    Returns:
+        out: (B, D) in x's dtype.
+    """
+    require_float_inputs("selective_state_update_triton", state=state, x=x, dt=dt, B=B, C=C, z=z)
+    if state.dim() != 3:
+        raise ValueError(f"state must be (batch, channels, d_state), got shape {tuple(state.shape)}")
+    batch, channels, d_state = state.shape
+    expected = {
+        "x": (x, (batch, channels)), "dt": (dt, (batch, channels)), "A": (A, (channels, d_state)),
+        "B": (B, (batch, d_state)), "C": (C, (batch, d_state)), "D": (D, (channels,)),
+        "z": (z, (batch, channels)), "dt_bias": (dt_bias, (channels,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for state {tuple(state.shape)}")
+    op = _selective_state_update_op if torch.compiler.is_compiling() else _state_update  # as in the scan
+    return op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))

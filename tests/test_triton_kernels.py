@@ -1,0 +1,246 @@
+"""The Triton kernels against the pure-PyTorch reference (run on float64 copies): outputs and every gradient.
+
+Without CUDA the kernels run in Triton's interpreter on tiny shapes, with the scan's chunk lowered so
+that several chunks are crossed. Tests marked `gpu` cover the lengths, widths, d_state values and dtypes
+of real models on a GPU.
+"""
+
+import pytest
+import torch
+
+from hybrid_lm import triton_conv, triton_ssm
+from hybrid_lm.conv_ops import causal_conv1d_ref, causal_conv1d_update_ref
+from hybrid_lm.ssm_ops import selective_scan_ref, selective_state_update_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture
+def short_chunks(monkeypatch):
+    """In the interpreter, chunks of 8 steps so that L <= 40 crosses several of them."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(triton_ssm, "_MAX_CHUNK", 8)
+        monkeypatch.setattr(triton_ssm, "_ELEMENTS_PER_WARP", 32)  # 4 channels a program: several programs
+        monkeypatch.setattr(triton_conv, "_BLOCK_L", 8)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_close(name, actual, expected, dtype):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = relative_error(actual, expected)
+    assert error < TOLERANCE[dtype], f"{name}: relative error {error:.2e} (NaN fails)"
+
+
+def documents(batch, length, generator):
+    """(B, L) sorted random document ids, several documents per row."""
+    ids = torch.randint(0, max(2, length // 5), (batch, length), generator=generator)
+    return ids.sort(dim=1).values.to(DEVICE)
+
+
+def check_scan(batch, channels, length, d_state, dtype, z=True, skip=True, bias=True, init=True, seq=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=generator) * scale).to(DEVICE, dt)
+
+    inputs = {
+        "u": rand(batch, channels, length), "delta": rand(batch, channels, length, scale=0.5),
+        "A": (-torch.rand(channels, d_state, generator=generator) - 0.2).to(DEVICE),
+        "B": rand(batch, d_state, length), "C": rand(batch, d_state, length),
+        "D": rand(channels, dt=torch.float32) if skip else None, "z": rand(batch, channels, length) if z else None,
+        "delta_bias": rand(channels, scale=0.3, dt=torch.float32) if bias else None,
+        "initial_state": rand(batch, channels, d_state, dt=torch.float32) if init else None,
+    }
+    seq_idx = documents(batch, length, generator) if seq else None
+    grad_out, grad_final = rand(batch, channels, length), rand(batch, channels, d_state, dt=torch.float32)
+
+    def run(fn, cast):
+        leaves = {k: (cast(v).requires_grad_() if v is not None else None) for k, v in inputs.items()}
+        out, final = fn(**leaves, delta_softplus=bias, seq_idx=seq_idx, return_final_state=True)
+        (out.double() * grad_out.double()).sum().add((final.double() * grad_final.double()).sum()).backward()
+        return out, final, leaves
+
+    out, final, leaves = run(triton_ssm.selective_scan_triton, lambda t: t.detach().clone())
+    ref_out, ref_final, ref_leaves = run(selective_scan_ref, lambda t: t.detach().double())
+    assert out.dtype == dtype and final.dtype == torch.float32
+    assert_close("out", out, ref_out, dtype)
+    assert_close("final state", final, ref_final, dtype)
+    for name, leaf in leaves.items():
+        if leaf is not None:
+            assert leaf.grad.dtype == leaf.dtype, name
+            assert_close(f"d{name}", leaf.grad, ref_leaves[name].grad, dtype)
+
+
+def check_conv(batch, channels, length, width, dtype, bias=True, init=True, seq=True, silu=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+
+    inputs = {"x": rand(batch, channels, length), "weight": rand(channels, width), "bias": rand(channels) if bias else None,
+              "initial_state": rand(batch, channels, width - 1) if init else None}
+    seq_idx = documents(batch, length, generator) if seq else None
+    grad_out, grad_final = rand(batch, channels, length), rand(batch, channels, width - 1)
+
+    def run(fn, cast):
+        leaves = {k: (cast(v).requires_grad_() if v is not None else None) for k, v in inputs.items()}
+        out, final = fn(**leaves, seq_idx=seq_idx, activation="silu" if silu else None, return_final_state=True)
+        (out.double() * grad_out.double()).sum().add((final.double() * grad_final.double()).sum()).backward()
+        return out, final, leaves
+
+    out, final, leaves = run(triton_conv.causal_conv1d_triton, lambda t: t.detach().clone())
+    ref_out, ref_final, ref_leaves = run(causal_conv1d_ref, lambda t: t.detach().double())
+    assert_close("out", out, ref_out, dtype)
+    if width > 1:
+        assert_close("final state", final, ref_final, dtype)
+    for name, leaf in leaves.items():
+        if leaf is not None and leaf.numel():
+            assert_close(f"d{name}", leaf.grad, ref_leaves[name].grad, dtype)
+
+
+def check_decode(batch, channels, d_state, width, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dt)
+
+    state = rand(batch, channels, d_state, dt=torch.float32)
+    step = (rand(batch, channels), rand(batch, channels), (-torch.rand(channels, d_state, generator=generator)).to(DEVICE),
+            rand(batch, d_state), rand(batch, d_state), rand(channels, dt=torch.float32), rand(batch, channels),
+            rand(channels, dt=torch.float32), True)
+    ref_state = state.double()
+    ref = selective_state_update_ref(ref_state, *(t.double() if isinstance(t, torch.Tensor) else t for t in step))
+    out = triton_ssm.selective_state_update_triton(state, *step)
+    assert_close("ssm step out", out, ref, dtype)
+    assert_close("ssm step state", state, ref_state, torch.float32 if dtype == torch.float32 else dtype)
+
+    x, conv_state, weight, bias = rand(batch, channels), rand(batch, channels, width - 1), rand(channels, width), rand(channels)
+    ref_conv_state = conv_state.double()
+    ref = causal_conv1d_update_ref(x.double(), ref_conv_state, weight.double(), bias.double(), "silu")
+    out = triton_conv.causal_conv1d_update_triton(x, conv_state, weight, bias, "silu")
+    assert_close("conv step out", out, ref, dtype)
+    assert torch.equal(conv_state.double(), ref_conv_state), "the conv state must be shifted exactly"
+
+
+# ----------------------------------------------------------------------------- tiny shapes (interpreter in CI)
+
+
+@pytest.mark.parametrize(
+    "batch, channels, length, d_state, dtype, options",
+    [
+        (2, 5, 19, {"N": 4}, torch.float32, {}),
+        (2, 20, 40, {"N": 8}, torch.float32, {"z": False, "skip": False, "bias": False}),
+        (1, 7, 1, {"N": 4}, torch.float32, {"seq": False}),
+        (2, 9, 17, {"N": 6}, torch.bfloat16, {"init": False}),
+        (2, 6, 24, {"N": 4}, torch.float16, {"seq": False, "z": False}),
+    ],
+    ids=["all-options", "bare", "length-1", "bf16-no-init", "fp16-no-resets"],
+)
+def test_selective_scan_tiny(short_chunks, batch, channels, length, d_state, dtype, options):
+    check_scan(batch, channels, length, d_state["N"], dtype, **options)
+
+
+@pytest.mark.parametrize(
+    "batch, channels, length, width, dtype, options",
+    [
+        (2, 5, 19, 4, torch.float32, {}),
+        (2, 6, 2, 4, torch.float32, {"bias": False}),
+        (1, 13, 30, 3, torch.bfloat16, {"init": False, "silu": False}),
+        (2, 5, 11, 2, torch.float16, {"seq": False}),
+        (2, 4, 9, 1, torch.float32, {"seq": False}),
+    ],
+    ids=["all-options", "shorter-than-kernel", "bf16-no-init", "fp16-width-2", "width-1"],
+)
+def test_causal_conv1d_tiny(short_chunks, batch, channels, length, width, dtype, options):
+    check_conv(batch, channels, length, width, dtype, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_tiny(dtype):
+    check_decode(3, 10, 5, 4, dtype)
+
+
+def test_custom_ops_pass_opcheck(short_chunks):
+    """Schemas, fake implementations and autograd registrations agree with the real kernels."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE)
+
+    u, delta, z = rand(1, 3, 9), rand(1, 3, 9) * 0.5, rand(1, 3, 9)
+    A, B, C = -torch.rand(3, 2, generator=generator).to(DEVICE), rand(1, 2, 9), rand(1, 2, 9)
+    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]], device=DEVICE)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    scan_args = (u, delta, A, B, C, rand(3), z, rand(3), rand(1, 3, 2), seq_idx, True)
+    torch.library.opcheck(triton_ssm._selective_scan_fwd_op, scan_args, test_utils=tests)
+    conv_args = (u, rand(3, 4), rand(3), rand(1, 3, 3), seq_idx, True)
+    torch.library.opcheck(triton_conv._causal_conv1d_fwd_op, conv_args, test_utils=tests)
+    step_args = (rand(2, 3, 2), rand(2, 3), rand(2, 3), A, rand(2, 2), rand(2, 2), rand(3), rand(2, 3), rand(3), True)
+    torch.library.opcheck(triton_ssm._selective_state_update_op, step_args, test_utils=tests[:2])
+    torch.library.opcheck(triton_conv._causal_conv1d_update_op, (rand(2, 3), rand(2, 3, 3), rand(3, 4), rand(3), True),
+                          test_utils=tests[:2])
+
+
+def test_inputs_are_checked():
+    u = torch.zeros(1, 3, 4, device=DEVICE)
+    A = torch.zeros(3, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="B has shape"):
+        triton_ssm.selective_scan_triton(u, u, A, u, u)
+    with pytest.raises(TypeError, match="kernel_backend='torch'"):
+        triton_ssm.selective_scan_triton(u.double(), u, A, torch.zeros(1, 2, 4, device=DEVICE), torch.zeros(1, 2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="activation"):
+        triton_conv.causal_conv1d_triton(u, torch.zeros(3, 4, device=DEVICE), activation="gelu")
+
+
+# ----------------------------------------------------------------------------- GPU: real sizes
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "batch, channels, length, d_state, dtype, options",
+    [
+        (2, 300, 1, 16, torch.float32, {}),
+        (3, 100, 7, 64, torch.bfloat16, {"init": False}),
+        (8, 96, 64, 128, torch.float16, {"seq": False}),
+        (4, 130, 1000, 16, torch.bfloat16, {"z": False}),
+        (1, 70, 2048, 64, torch.float32, {"skip": False, "seq": False}),
+        (2, 40, 4099, 16, torch.float16, {}),
+        (1, 33, 16384, 16, torch.bfloat16, {"bias": False}),
+        (5, 257, 300, 128, torch.float32, {"init": False, "seq": False, "z": False}),
+        (6, 24, 515, 16, torch.bfloat16, {}),
+    ],
+)
+def test_selective_scan_gpu(batch, channels, length, d_state, dtype, options):
+    check_scan(batch, channels, length, d_state, dtype, **options)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "batch, channels, length, width, dtype, options",
+    [
+        (2, 300, 1, 4, torch.float32, {}),
+        (3, 100, 7, 4, torch.bfloat16, {"bias": False}),
+        (8, 96, 64, 3, torch.float16, {}),
+        (4, 130, 1000, 4, torch.bfloat16, {"init": False}),
+        (1, 70, 4099, 4, torch.float32, {"seq": False}),
+        (1, 33, 16384, 4, torch.bfloat16, {}),
+        (5, 257, 2048, 2, torch.float16, {"silu": False}),
+    ],
+)
+def test_causal_conv1d_gpu(batch, channels, length, width, dtype, options):
+    check_conv(batch, channels, length, width, dtype, **options)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, channels, d_state, dtype", [(1, 300, 16, torch.float32), (8, 2050, 64, torch.bfloat16),
+                                                              (5, 100, 128, torch.float16)])
+def test_decode_steps_gpu(batch, channels, d_state, dtype):
+    check_decode(batch, channels, d_state, 4, dtype)
