@@ -22,7 +22,7 @@ from transformers import (
 )
 
 import hybrid_lm
-from builders import LAYOUTS, tiny_model
+from builders import LAYOUTS, run_without_package, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "conversion"))
@@ -386,8 +386,13 @@ def test_command_line_converts_verifies_and_loads_remotely(tmp_path):
     assert len(set(index["weight_map"].values())) > 1  # sharded
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "hybrid_lm" and "AutoModelForCausalLM" in config["auto_map"]
-    assert (tmp_path / "out" / "modeling_hybrid_lm.py").exists()
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    printed = run_without_package(f"""
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True)
+        print(type(model).__name__, model.config.layers_block_type.count("attention"))
+    """, tmp_path)
+    assert printed.split() == ["HybridLMForCausalLM", "2"]
 
 
 def test_command_line_errors_exit_2_without_a_traceback(tmp_path):
