@@ -34,9 +34,8 @@ def test_auto_on_cpu_is_torch():
     assert mamba_ops.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+@pytest.mark.skipif(mamba_ops._load("cuda") is not None, reason="mamba-ssm is installed here")
 def test_missing_cuda_backend_says_how_to_install():
-    if mamba_ops._load("cuda") is not None:
-        pytest.skip("mamba-ssm is installed here")
     with pytest.raises(ImportError, match=r"pip install hybrid-lm\[cuda\]"):
         mamba_ops.resolve_backend("cuda", torch.device("cpu"))
 
