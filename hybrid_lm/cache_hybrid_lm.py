@@ -20,12 +20,7 @@ class HybridLMCache:
     def __init__(self, config):
         self.layers_block_type = list(config.layers_block_type)
         self.signature = _signature(config)
-        n = len(self.layers_block_type)
-        self.key_cache: list[torch.Tensor | None] = [None] * n
-        self.value_cache: list[torch.Tensor | None] = [None] * n
-        self.conv_states: list[torch.Tensor | None] = [None] * n
-        self.ssm_states: list[torch.Tensor | None] = [None] * n
-        self.seen_tokens = 0
+        self.reset()
 
     def __repr__(self):
         return f"{type(self).__name__}(layers={len(self)}, seen_tokens={self.seen_tokens}, batch_size={self.batch_size})"
@@ -74,9 +69,12 @@ class HybridLMCache:
         self._map(lambda t: t[indices.to(t.device)])
 
     def reset(self) -> None:
+        """Forgets every state; the cache can then serve a new prompt."""
         n = len(self)
-        self.key_cache, self.value_cache = [None] * n, [None] * n
-        self.conv_states, self.ssm_states = [None] * n, [None] * n
+        self.key_cache: list[torch.Tensor | None] = [None] * n
+        self.value_cache: list[torch.Tensor | None] = [None] * n
+        self.conv_states: list[torch.Tensor | None] = [None] * n
+        self.ssm_states: list[torch.Tensor | None] = [None] * n
         self.seen_tokens = 0
 
     def crop(self, max_length: int) -> None:

@@ -593,7 +593,7 @@ class HybridLMModel(HybridLMPreTrainedModel):
             past_key_values.check_compatible(config)
         elif use_cache:
             past_key_values = HybridLMCache(config)
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        cache = past_key_values
         past_length = cache.get_seq_length() if cache is not None else 0
 
         padding_mask = self._check_attention_mask(attention_mask, batch, past_length + length)
@@ -683,7 +683,7 @@ class HybridLMModel(HybridLMPreTrainedModel):
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() and not torch.compiler.is_compiling():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync, not two
             if low < 0 or high >= self.config.vocab_size:
                 bad = high if high >= self.config.vocab_size else low
                 raise ValueError(
