@@ -11,7 +11,6 @@ from transformers import (
     AutoTokenizer,
 )
 
-from .cache_hybrid_lm import HybridLMCache
 from .configuration_hybrid_lm import HybridLMConfig
 from .modeling_hybrid_lm import (
     HybridLMForCausalLM,
@@ -38,7 +37,6 @@ HybridLMForSequenceClassification.register_for_auto_class("AutoModelForSequenceC
 HybridLMTokenizer.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
-    "HybridLMCache",
     "HybridLMConfig",
     "HybridLMForCausalLM",
     "HybridLMForSequenceClassification",

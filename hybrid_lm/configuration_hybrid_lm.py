@@ -242,7 +242,8 @@ class HybridLMConfig(PreTrainedConfig):
     @property
     def layer_types(self) -> list[str]:
         """transformers' naming of the mixers, for its cache and serving tooling."""
-        return ["full_attention" if kind == "attention" else "linear_attention" for kind in self.layers_block_type]
+        attention = "sliding_attention" if self.sliding_window is not None else "full_attention"
+        return [attention if kind == "attention" else "linear_attention" for kind in self.layers_block_type]
 
     def feed_forward_type(self, layer_idx: int) -> str:
         """`"none"`, `"mlp"` or `"moe"` for layer `layer_idx`."""

@@ -60,15 +60,15 @@ class HybridLMSparseMoeBlock(nn.Module):
         self.router = HybridLMTopKRouter(config)
         self.experts = nn.ModuleList([HybridLMMLP(config) for _ in range(config.num_experts)])
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, H) -> (B, L, H) and the router logits (B * L, E)."""
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) -> (B, L, H). The router logits are recorded from the router (`output_router_logits`)."""
         batch, length, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (T, H)
-        router_logits, top_k_weights, top_k_index = self.router(tokens)
+        _, top_k_weights, top_k_index = self.router(tokens)
         if torch.compiler.is_compiling():
-            dense_weights = torch.zeros_like(router_logits, dtype=tokens.dtype).scatter(1, top_k_index, top_k_weights)
+            dense_weights = tokens.new_zeros(tokens.shape[0], self.num_experts).scatter(1, top_k_index, top_k_weights)
             output = sum(expert(tokens) * dense_weights[:, e, None] for e, expert in enumerate(self.experts))
-            return output.reshape(batch, length, hidden), router_logits
+            return output.reshape(batch, length, hidden)
         # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
@@ -83,7 +83,7 @@ class HybridLMSparseMoeBlock(nn.Module):
                 stop = start + count
                 output.index_add_(0, token_of[start:stop], expert(routed[start:stop]) * weights[start:stop])
                 start = stop
-        return output.reshape(batch, length, hidden), router_logits
+        return output.reshape(batch, length, hidden)
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,

@@ -1,7 +1,12 @@
 """PyTorch HybridLM: Jamba-style stacks of attention and Mamba mixers with dense or mixture-of-experts feed-forward.
 
-Reads top-down: norms and rotary embeddings, attention, the Mamba mixer, feed-forward blocks, decoder
-layers, masks, `HybridLMPreTrainedModel`, `HybridLMModel`, the task heads. Parameter names follow
+Reads top-down: norms and rotary embeddings, attention, the Mamba mixer, decoder layers,
+`HybridLMPreTrainedModel`, `HybridLMModel` (with its entry checks), the task heads. The model is on
+transformers' protocol: its cache is a `transformers.DynamicCache(config=...)` (key/value layers for attention,
+linear-attention layers holding the Mamba conv and SSM states), masks come from `transformers.masking_utils`
+by `config.layer_types`, outputs are recorded with `capture_outputs`, and forwards take
+`**kwargs: Unpack[TransformersKwargs]`. Ours, because transformers has none: state resets at packed-document
+boundaries (`seq_idx`), initial states for chunked prefill, padding zeroed before the conv and the scan. Parameter names follow
 transformers' Jamba checkpoints (`self_attn`, `mamba`, `feed_forward.experts.{e}.gate_proj`, ...), so
 a saved Jamba folder maps onto this model key for key.
 
@@ -17,17 +22,27 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_hybrid_lm import HybridLMCache
+from . import transformers_compat as compat
 from .configuration_hybrid_lm import HybridLMConfig
 from .feed_forward_hybrid_lm import (
     HybridLMMLP,
@@ -37,7 +52,6 @@ from .feed_forward_hybrid_lm import (
     router_z_loss,
 )
 from .hub_hybrid_lm import push_folder_to_hub
-from .masking_hybrid_lm import build_attention_mask, document_ids
 from .mamba_ops import (
     causal_conv1d,
     causal_conv1d_update,
@@ -45,6 +59,7 @@ from .mamba_ops import (
     selective_scan,
     selective_state_update,
 )
+from .transformers_compat import CACHE_NAME, accepts_cache_alias, cache_output
 
 logger = logging.get_logger(__name__)
 
@@ -71,28 +86,30 @@ class HybridLMRMSNorm(nn.Module):
 
 
 class HybridLMRotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, from transformers' RoPE parameter functions (default, linear, llama3, yarn, ...)."""
+    """cos/sin tables for RoPE, from transformers' RoPE parameter functions (default, linear, dynamic, llama3, yarn,
+    ...); `dynamic_rope_update` recomputes the frequencies of the dynamic types for long inputs."""
 
     def __init__(self, config: HybridLMConfig):
         super().__init__()
         self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters.get("rope_type", "default")
-        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.rope_init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_default_rope_parameters(config: HybridLMConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+    def compute_default_rope_parameters(config: HybridLMConfig, *args, **kwargs) -> tuple[torch.Tensor, float]:
         base = config.rope_parameters["rope_theta"]
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float, device=device) / config.head_dim
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
         return 1.0 / (base**exponents), 1.0
 
-    def compute_inv_freq(self, config: HybridLMConfig) -> tuple[torch.Tensor, float]:
-        if self.rope_type == "default":
-            return self.compute_default_rope_parameters(config)
-        return ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
-
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[:, :, None].float() * self.inv_freq.float().to(x.device)  # (B, L, hd / 2)
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -122,12 +139,15 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention. attention_mask: (B, 1, L, S) bool, True = may attend; None = no mask."""
+    """Plain softmax attention. attention_mask: (B, 1, L, S), an additive float mask (transformers' eager mask) or
+    a bool one (True = may attend; sdpa's, when attention weights are asked for), or None."""
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, L, S)
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, L, nh, hd)
@@ -137,8 +157,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 class HybridLMAttention(nn.Module):
     """Multi-head attention with grouped key/value heads, optional RoPE and sliding window.
 
-    Runs through transformers' attention-function interface (`config._attn_implementation`): eager,
-    sdpa, flash_attention_2 when installed.
+    Runs through transformers' attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_*,
+    or any registered one; `model.set_attn_implementation(...)` switches it).
     """
 
     is_causal = True
@@ -157,14 +177,14 @@ class HybridLMAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    @accepts_cache_alias
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: HybridLMCache | None = None,
-        output_attentions: bool = False,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
@@ -173,14 +193,11 @@ class HybridLMAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, nkv, S, hd)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (B, nkv, S, hd)
 
-        implementation = self.config._attn_implementation or "eager"
-        if implementation == "eager" or output_attentions:
-            attention = eager_attention_forward
-        else:
-            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention(
             self,
             query,
@@ -192,8 +209,7 @@ class HybridLMAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        output = self.o_proj(output.reshape(batch, length, -1))
-        return output, weights
+        return self.o_proj(output.reshape(batch, length, -1)), weights
 
 
 # ----------------------------------------------------------------------------- Mamba mixer
@@ -264,18 +280,26 @@ class HybridLMMambaMixer(nn.Module):
     def _named_fp32_parameters(self):
         return [(name, self.get_parameter(name)) for name in self._fp32_parameters]
 
+    @accepts_cache_alias
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: HybridLMCache | None = None,
+        cache: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states: (B, L, H); attention_mask: (B, L), 1 = token, 0 = padding; seq_idx: (B, L) document ids."""
+        """hidden_states: (B, L, H); attention_mask: (B, L), 1 = token, 0 = padding; seq_idx: (B, L) document ids.
+
+        The cache layer holds the conv state (B, D, d_conv - 1), the last conv inputs, and the SSM state
+        (B, D, N) in float32. Decoding (one token after a prefill) updates both in place; a prefill (or a chunk
+        of one) starts from them and writes back the final states the kernels return.
+        """
         batch, length, _ = hidden_states.shape
-        cache = past_key_values
         backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
-        decoding = cache is not None and length == 1 and cache.has_mamba_state(self.layer_idx)
+        has_state = cache is not None and cache.has_previous_state(self.layer_idx)
+        conv_state = compat.conv_state(cache, self.layer_idx) if has_state else None
+        ssm_state = compat.recurrent_state(cache, self.layer_idx) if has_state else None
+        decoding = has_state and length == 1
         token_mask = attention_mask[:, None, :].to(hidden_states.dtype) if attention_mask is not None else None
 
         # 1. input projection: conv input x and gate z, (B, D, L) each
@@ -286,16 +310,14 @@ class HybridLMMambaMixer(nn.Module):
         # 2. causal depthwise conv + silu
         conv_weight = self.conv1d.weight[:, 0, :]  # (D, d_conv)
         if decoding:
-            x = causal_conv1d_update(
-                x[..., 0], cache.conv_states[self.layer_idx], conv_weight, self.conv1d.bias, "silu", backend=backend
-            )[..., None]
+            x = causal_conv1d_update(x[..., 0], conv_state, conv_weight, self.conv1d.bias, "silu", backend=backend)
+            x = x[..., None]
         else:
             conv_out = causal_conv1d(
-                x, conv_weight, self.conv1d.bias,
-                initial_state=cache.conv_states[self.layer_idx] if cache is not None else None,
-                seq_idx=seq_idx, activation="silu", return_final_state=cache is not None, backend=backend,
+                x, conv_weight, self.conv1d.bias, initial_state=conv_state, seq_idx=seq_idx, activation="silu",
+                return_final_state=cache is not None, backend=backend,
             )
-            x, conv_state = conv_out if cache is not None else (conv_out, None)
+            x, final_conv_state = conv_out if cache is not None else (conv_out, None)
         if token_mask is not None:
             x = x * token_mask
 
@@ -311,21 +333,22 @@ class HybridLMMambaMixer(nn.Module):
         # 4. selective scan (or one recurrent step when decoding)
         if decoding:
             y = selective_state_update(
-                cache.ssm_states[self.layer_idx], x[..., 0], time_step[..., 0], A, B[:, 0], C[:, 0],
+                ssm_state, x[..., 0], time_step[..., 0], A, B[:, 0], C[:, 0],
                 D=self.D, z=z[..., 0], dt_bias=self.dt_proj.bias, dt_softplus=True, backend=backend,
             )[..., None]
         else:
             scan_out = selective_scan(
                 x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D, z=z,
-                delta_bias=self.dt_proj.bias, delta_softplus=True,
-                initial_state=cache.ssm_states[self.layer_idx] if cache is not None else None,
+                delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=ssm_state,
                 seq_idx=seq_idx, return_final_state=cache is not None, backend=backend,
             )
+            y = scan_out
             if cache is not None:
-                y, ssm_state = scan_out
-                cache.update_mamba_state(self.layer_idx, conv_state, ssm_state)
-            else:
-                y = scan_out
+                y, final_ssm_state = scan_out
+                # The conv state has exactly the width the cache layer keeps, so updating it (which appends
+                # and keeps the last d_conv - 1 columns) stores it as it is.
+                cache.update_conv_state(final_conv_state, self.layer_idx)
+                cache.update_recurrent_state(final_ssm_state, self.layer_idx)
 
         # 5. output projection
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
@@ -337,8 +360,6 @@ class HybridLMMambaMixer(nn.Module):
 class HybridLMDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm residual block: x + mixer(norm(x)), then x + feed_forward(norm(x)) when the layer has one."""
 
-    mixer_attribute: str
-
     def __init__(self, config: HybridLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -347,38 +368,29 @@ class HybridLMDecoderLayer(GradientCheckpointingLayer):
         if feed_forward != "none":
             self.pre_ff_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.feed_forward = HybridLMSparseMoeBlock(config) if feed_forward == "moe" else HybridLMMLP(config)
-        self.is_moe = feed_forward == "moe"
 
-    def mix(self, hidden_states, attention_mask, token_mask, position_embeddings, past_key_values, seq_idx,
-            output_attentions, **kwargs):
+    def mix(self, hidden_states, attention_mask, position_embeddings, cache, seq_idx, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
+    @accepts_cache_alias
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: HybridLMCache | None = None,
+        cache: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        **kwargs,
-    ):
-        """Returns (hidden_states (B, L, H), router logits (B * L, E) or None, attention weights or None)."""
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """(B, L, H) -> (B, L, H). attention_mask: the mask of this layer's type (see `HybridLMModel._masks`)."""
         residual = hidden_states
-        hidden_states, attention_weights = self.mix(
-            self.input_layernorm(hidden_states), attention_mask, token_mask, position_embeddings,
-            past_key_values, seq_idx, output_attentions, **kwargs,
+        hidden_states = self.mix(
+            self.input_layernorm(hidden_states), attention_mask, position_embeddings, cache, seq_idx, **kwargs
         )
         hidden_states = residual + hidden_states
-        router_logits = None
         if hasattr(self, "feed_forward"):
-            residual = hidden_states
-            hidden_states = self.feed_forward(self.pre_ff_layernorm(hidden_states))
-            if self.is_moe:
-                hidden_states, router_logits = hidden_states
-            hidden_states = residual + hidden_states
-        return hidden_states, router_logits, attention_weights
+            hidden_states = hidden_states + self.feed_forward(self.pre_ff_layernorm(hidden_states))
+        return hidden_states
 
 
 class HybridLMAttentionDecoderLayer(HybridLMDecoderLayer):
@@ -386,12 +398,11 @@ class HybridLMAttentionDecoderLayer(HybridLMDecoderLayer):
         super().__init__(config, layer_idx)
         self.self_attn = HybridLMAttention(config, layer_idx)
 
-    def mix(self, hidden_states, attention_mask, token_mask, position_embeddings, past_key_values, seq_idx,
-            output_attentions, **kwargs):
-        return self.self_attn(
-            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
-            past_key_values=past_key_values, output_attentions=output_attentions, **kwargs,
+    def mix(self, hidden_states, attention_mask, position_embeddings, cache, seq_idx, **kwargs):
+        hidden_states, _ = self.self_attn(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
         )
+        return hidden_states
 
 
 class HybridLMMambaDecoderLayer(HybridLMDecoderLayer):
@@ -399,9 +410,8 @@ class HybridLMMambaDecoderLayer(HybridLMDecoderLayer):
         super().__init__(config, layer_idx)
         self.mamba = HybridLMMambaMixer(config, layer_idx)
 
-    def mix(self, hidden_states, attention_mask, token_mask, position_embeddings, past_key_values, seq_idx,
-            output_attentions, **kwargs):
-        return self.mamba(hidden_states, token_mask, past_key_values, seq_idx), None
+    def mix(self, hidden_states, attention_mask, position_embeddings, cache, seq_idx, **kwargs):
+        return self.mamba(hidden_states, attention_mask=attention_mask, cache=cache, seq_idx=seq_idx)
 
 
 DECODER_LAYER_CLASSES = {"attention": HybridLMAttentionDecoderLayer, "mamba": HybridLMMambaDecoderLayer}
@@ -416,12 +426,16 @@ class HybridLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridLMAttentionDecoderLayer", "HybridLMMambaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _keep_in_fp32_modules_strict = ["A_log", "D", "dt_proj.bias"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
-    _is_stateful = True
+    _is_stateful = True  # a Mamba state cannot be rolled back: no assisted decoding
+    _can_record_outputs = {
+        "hidden_states": [HybridLMAttentionDecoderLayer, HybridLMMambaDecoderLayer],
+        "attentions": HybridLMAttention,
+        "router_logits": OutputRecorder(HybridLMTopKRouter, index=0),  # (B * L, E) per MoE layer
+    }
     # Every projection an adapter (LoRA) should reach: attention, the Mamba mixer and the MLP / experts.
     # The Mamba mixer calls each of them as a module, so a wrapped projection is never bypassed.
     lora_target_modules = (
@@ -450,7 +464,7 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, HybridLMTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, HybridLMRotaryEmbedding):
-            inv_freq, _ = module.compute_inv_freq(module.config)
+            inv_freq, _ = module.rope_init_fn(module.config)
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
         if isinstance(module, HybridLMMambaMixer):
@@ -469,10 +483,6 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         dt = torch.exp(torch.rand(d_inner) * (log_max - log_min) + log_min).clamp(min=config.mamba_dt_init_floor)
         init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model brings its own HybridLMCache
-
     def push_to_hub(self, repo_id: str, **kwargs):
         """Uploads the model (weights, config, code for trust_remote_code) with a generated model card: the layer
         plan and the total and active-per-token parameter counts. Takes transformers' `push_to_hub` options."""
@@ -480,36 +490,42 @@ class HybridLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers' loader, then a strict check: a backbone tensor that is missing, unexpected or of
-        the wrong shape means the weights do not belong to this config, which is an error naming the
-        first such tensor, not a warning. Task heads may be new (fine-tuning a classifier)."""
+        """transformers' loader with its documented semantics (missing weights are initialised and reported in
+        `missing_keys`; a tensor whose shape changed raises unless `ignore_mismatched_sizes=True`), and errors that
+        name the tensor: a backbone tensor of another shape, or one the config has no place for, means the
+        weights do not belong to this config.
+
+        The loader runs with `ignore_mismatched_sizes=True` so that it reports every mismatch instead of failing
+        on the first without the config fields to check; the user's `ignore_mismatched_sizes` is applied here."""
         wants_info = kwargs.pop("output_loading_info", False)
         shapes_may_differ = kwargs.pop("ignore_mismatched_sizes", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-        _check_loading_info(model, info, check_shapes=not shapes_may_differ)
+        _check_loading_info(info, shapes_may_differ)
         return (model, info) if wants_info else model
 
 
 _BACKBONE_PREFIXES = ("embed_tokens.", "layers.", "final_layernorm.")
-_LOADING_PROBLEMS = {
-    "mismatched_keys": "has a different shape in the checkpoint than the config implies",
-    "missing_keys": "is missing from the checkpoint",
-    "unexpected_keys": "is in the checkpoint but the config has no such tensor",
-}
 
 
-def _check_loading_info(model: HybridLMPreTrainedModel, info: dict, check_shapes: bool) -> None:
-    """Raises on the first backbone tensor that does not fit; task heads may be new (fine-tuning)."""
-    for kind, problem in _LOADING_PROBLEMS.items():
-        if kind == "mismatched_keys" and not check_shapes:
-            continue
-        keys = sorted((k for k in info.get(kind) or [] if _is_backbone_key(_key_name(k))), key=str)
-        if keys:
-            raise ValueError(
-                f"the checkpoint's weights do not match its config: {_describe(keys[0])} {problem} "
-                f"({len(keys)} such tensors). Check num_hidden_layers, hidden_size, the layer plan "
-                "(layers_block_type, layers_num_experts) and the Mamba sizes in config.json."
-            )
+def _check_loading_info(info: dict, shapes_may_differ: bool) -> None:
+    """Raises on an unexpected backbone tensor, and on a tensor of another shape unless `shapes_may_differ`."""
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if _is_backbone_key(_key_name(k)))
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint's weights do not match its config: tensor '{unexpected[0]}' is in the checkpoint but "
+            f"the config has no such tensor ({len(unexpected)} such tensors). Check num_hidden_layers, the layer "
+            "plan (layers_block_type, layers_num_experts) and mamba_inner_layernorms in config.json."
+        )
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched and not shapes_may_differ:
+        if _is_backbone_key(_key_name(mismatched[0])):
+            fix = "Check hidden_size, the heads, the layer plan and the Mamba sizes in config.json."
+        else:
+            fix = "Pass ignore_mismatched_sizes=True to initialise it anew (e.g. a classifier with another num_labels)."
+        raise ValueError(
+            f"the checkpoint's weights do not match its config: {_describe(mismatched[0])} has a different shape in "
+            f"the checkpoint than the config implies ({len(mismatched)} such tensors). {fix}"
+        )
 
 
 def _is_backbone_key(name: str) -> bool:
@@ -530,7 +546,6 @@ def _describe(key) -> str:
 # ----------------------------------------------------------------------------- models
 
 
-
 class HybridLMModel(HybridLMPreTrainedModel):
     """The decoder stack: embeddings, `num_hidden_layers` decoder layers, final RMSNorm."""
 
@@ -547,120 +562,73 @@ class HybridLMModel(HybridLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs
+    @accepts_cache_alias
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HybridLMCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         seq_idx: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         """
         input_ids: (B, L) token ids, or inputs_embeds: (B, L, H).
         attention_mask: (B, S) with 1 for tokens and 0 for padding, covering cached and new positions.
-        position_ids: (B, L). Positions that restart at 0 inside a row mark packed documents (the
-            convention of transformers' `DataCollatorWithFlattening`): attention stays inside each
+        position_ids: (B, L). Without an attention_mask, positions that restart inside a row mark packed
+            documents (the convention of transformers' `DataCollatorWithFlattening`): attention stays inside each
             document and the Mamba conv/SSM states restart at each boundary.
-        past_key_values: a `HybridLMCache` returned by an earlier call (created when `use_cache`).
+        cache: a `transformers.DynamicCache(config=model.config)` (or the one an earlier call returned); created
+            when `use_cache`. Attention layers keep keys/values in it, Mamba layers their conv and SSM states.
+            (`past_key_values=` is the name up to transformers 5.23.)
         seq_idx: (B, L) document ids of a packed batch (DataCollatorWithFlattening(return_seq_idx=True));
             an alternative to restarting position_ids.
+        kwargs: transformers' model kwargs (`output_hidden_states`, `output_attentions`, `output_router_logits`,
+            attention-implementation arguments). A keyword none of them uses is reported once and ignored.
         """
         config = self.config
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        )
-        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False.")
-            use_cache = False
-
-        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        _report_unused_kwargs(kwargs)
+        if self.training and use_cache and cache is None:
+            use_cache = False  # a training forward builds no cache unless one is handed in
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        past_length = self._check_cache(cache)
+        inputs_embeds = self._embed(input_ids, inputs_embeds, past_length)
         batch, length, _ = inputs_embeds.shape
-        if length == 0:
-            raise ValueError("the input has no tokens (sequence length 0); pass at least one token per row")
-
-        if past_key_values is not None:
-            if not isinstance(past_key_values, HybridLMCache):
-                raise TypeError(
-                    f"past_key_values must be a HybridLMCache returned by this model, got {type(past_key_values).__name__}"
-                )
-            past_key_values.check_compatible(config)
-        elif use_cache:
-            past_key_values = HybridLMCache(config)
-        cache = past_key_values
-        past_length = cache.get_seq_length() if cache is not None else 0
-
-        padding_mask = self._check_attention_mask(attention_mask, batch, past_length + length)
-        if position_ids is not None and position_ids.shape != (batch, length):
-            if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == length:
-                position_ids = position_ids.expand(batch, -1)
-            else:
-                raise ValueError(
-                    f"position_ids must have shape (batch, new tokens) = ({batch}, {length}), got "
-                    f"{tuple(position_ids.shape)}"
-                )
-        token_mask = padding_mask[:, -length:] if padding_mask is not None else None
-        if seq_idx is not None:
-            if seq_idx.shape != (batch, length):
-                raise ValueError(f"seq_idx must have shape (batch, new tokens) = ({batch}, {length}), got "
-                                 f"{tuple(seq_idx.shape)}")
-        elif position_ids is not None:
-            seq_idx = document_ids(position_ids)
+        if not (past_length > 0 and length == 1):  # a decode step skips the checks: no host syncs there
+            _check_attention_mask(attention_mask, batch, past_length + length, length)
+            position_ids = _check_positions(position_ids, batch, length)
+            seq_idx = _check_seq_idx(seq_idx, batch, length)
         if position_ids is None:
-            if padding_mask is not None:
-                position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            if attention_mask is not None and attention_mask.dim() == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
-                position_ids = position_ids.expand(batch, -1)
+        # packed documents for the Mamba layers (attention finds them in position_ids itself)
+        if seq_idx is None and attention_mask is None and length > 1 and "mamba" in config.layers_block_type:
+            seq_idx = find_packed_sequence_indices(position_ids)
+
+        if not isinstance(mask_mapping := attention_mask, dict):
+            mask_mapping = self._masks(inputs_embeds, attention_mask, cache, position_ids, seq_idx, past_length)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
-        attention_mask_4d = self._attention_mask(padding_mask, seq_idx, position_ids, batch, length, past_length,
-                                                 inputs_embeds.device, output_attentions)
-        # flash attention finds packed documents in position_ids; the other implementations get them in the mask
-        uses_flash = "flash" in (config._attn_implementation or "")
-        layer_kwargs = {"position_ids": position_ids} if uses_flash else {}
 
         hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        all_router_logits = ()
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            is_attention = isinstance(layer, HybridLMAttentionDecoderLayer)
-            hidden_states, router_logits, attention_weights = layer(
+        for layer, layer_type in zip(self.layers, config.layer_types):
+            hidden_states = layer(
                 hidden_states,
-                attention_mask=attention_mask_4d if is_attention else None,
-                token_mask=token_mask,
+                attention_mask=mask_mapping[layer_type],
                 position_embeddings=position_embeddings,
-                past_key_values=cache,
+                cache=cache,
                 seq_idx=seq_idx,
-                output_attentions=output_attentions,
-                **layer_kwargs,
+                position_ids=position_ids,
+                **kwargs,
             )
-            if router_logits is not None:
-                all_router_logits += (router_logits,)
-            if output_attentions and is_attention:
-                all_attentions += (attention_weights,)
         hidden_states = self.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        if cache is not None:
-            cache.advance(length)
-
-        output = MoeModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=cache,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            router_logits=all_router_logits,  # one (B * L, E) tensor per MoE layer
-        )
-        return output if return_dict is not False else output.to_tuple()
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **cache_output(cache))
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -668,7 +636,24 @@ class HybridLMModel(HybridLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _embed(self, input_ids, inputs_embeds):
+    def _masks(self, inputs_embeds, attention_mask, cache, position_ids, seq_idx, past_length) -> dict:
+        """One mask per layer type in `config.layer_types`, from transformers' masking utilities."""
+        config = self.config
+        documents = _same_document(seq_idx, past_length) if seq_idx is not None else None
+        # positional arguments: the cache argument's name differs between transformers releases
+        masks = {"linear_attention": create_recurrent_attention_mask(config, inputs_embeds, attention_mask, cache)}
+        if "full_attention" in config.layer_types:
+            masks["full_attention"] = create_causal_mask(
+                config, inputs_embeds, attention_mask, cache, position_ids, and_mask_function=documents
+            )
+        if "sliding_attention" in config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                config, inputs_embeds, attention_mask, cache, position_ids, and_mask_function=documents
+            )
+        return masks
+
+    # ------------------------------------------------------------------ the entry checks (once per forward)
+    def _embed(self, input_ids, inputs_embeds, past_length: int) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is not None:
@@ -677,54 +662,101 @@ class HybridLMModel(HybridLMPreTrainedModel):
                     f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
                     f"got {tuple(inputs_embeds.shape)}"
                 )
-            return inputs_embeds
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.numel() and not torch.compiler.is_compiling():
-            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync, not two
-            if low < 0 or high >= self.config.vocab_size:
-                bad = high if high >= self.config.vocab_size else low
-                raise ValueError(
-                    f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size - 1}]; "
-                    "check that the tokenizer matches the model (config.vocab_size) or resize the embeddings"
-                )
-        return self.embed_tokens(input_ids)
+            embeds = inputs_embeds
+        else:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+            if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+                raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+            # one device sync, and none in a decode step (its token comes from the model's own logits)
+            decoding = past_length > 0 and input_ids.shape[1] == 1
+            if input_ids.numel() and not decoding and not torch.compiler.is_compiling():
+                low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+                if low < 0 or high >= self.config.vocab_size:
+                    bad = high if high >= self.config.vocab_size else low
+                    raise ValueError(
+                        f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size - 1}]; "
+                        "check that the tokenizer matches the model (config.vocab_size) or resize the embeddings"
+                    )
+            embeds = self.embed_tokens(input_ids)
+        if embeds.shape[1] == 0:
+            raise ValueError("the input has no tokens (sequence length 0); pass at least one token per row")
+        return embeds
 
-    @staticmethod
-    def _check_attention_mask(attention_mask, batch, total_length):
-        """Validates a 2D padding mask; returns it, or None when it masks nothing."""
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != total_length:
-            raise ValueError(
-                f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {total_length}), got "
-                f"{tuple(attention_mask.shape)}; it covers every position seen so far, with 1 for tokens and "
-                "0 for padding"
+    def _check_cache(self, cache) -> int:
+        """Checks that `cache` was built for this layer plan; returns the number of tokens it has seen."""
+        if cache is None:
+            return 0
+        if not isinstance(cache, Cache):
+            raise TypeError(
+                f"the cache must be a transformers Cache (DynamicCache(config=model.config)), got {type(cache).__name__}"
             )
-        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
-            return None
-        return attention_mask
+        kinds = ["mamba" if isinstance(layer, LinearAttentionCacheLayerMixin) else "attention" for layer in cache.layers]
+        if kinds != list(self.config.layers_block_type):
+            raise ValueError(
+                f"the cache was created for a different model: its layers are {kinds or 'not built yet'}, this model's "
+                f"are {list(self.config.layers_block_type)}; pass DynamicCache(config=model.config), the cache this "
+                "model returned, or none"
+            )
+        if "attention" not in kinds:
+            return int(any(cache.has_previous_state(i) for i in range(len(kinds))))  # no length kept; seen or not
+        return cache.get_seq_length()
 
-    def _attention_mask(self, padding_mask, seq_idx, position_ids, batch, length, past_length, device,
-                        output_attentions):
-        """The mask handed to the attention layers, in the form their implementation wants."""
-        implementation = self.config._attn_implementation or "eager"
-        if "flash" in implementation and not output_attentions:
-            return padding_mask  # (B, S) or None; packed documents are read from position_ids
-        needs_mask = (
-            padding_mask is not None
-            or seq_idx is not None
-            or self.config.sliding_window is not None
-            or implementation == "eager"
-            or output_attentions
-            or past_length > 0
+
+def _report_unused_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - _MODEL_KWARGS)
+    if unknown and not torch.compiler.is_compiling():
+        logger.warning_once(
+            f"HybridLM ignores the keyword argument(s) {unknown}: they are not inputs of this model "
+            f"(see HybridLMModel.forward and transformers.utils.TransformersKwargs)"
         )
-        if not needs_mask or length == 1 and padding_mask is None and self.config.sliding_window is None:
-            return None  # sdpa's built-in causal mask (or a single query that sees every key)
-        return build_attention_mask(padding_mask, seq_idx, batch, length, past_length, self.config.sliding_window,
-                                    device)
+
+
+# What the forwards take through **kwargs: transformers' model kwargs, and its loss kwargs (which the causal-LM
+# forward hands to `loss_function`).
+_MODEL_KWARGS = set(TransformersKwargs.__annotations__) | {"shift_labels", "ignore_index"}
+
+
+def _check_attention_mask(attention_mask, batch: int, total_length: int, length: int) -> None:
+    if attention_mask is None or isinstance(attention_mask, dict) or attention_mask.dim() == 4:
+        return  # no mask, or masks prepared by the caller
+    known_total = total_length if total_length > length else None  # an all-Mamba cache keeps no length
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or (
+        attention_mask.shape[1] != known_total if known_total else attention_mask.shape[1] < length
+    ):
+        raise ValueError(
+            f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {total_length}), got "
+            f"{tuple(attention_mask.shape)}; it covers every position seen so far, with 1 for tokens and "
+            "0 for padding"
+        )
+
+
+def _check_positions(position_ids, batch: int, length: int):
+    if position_ids is None or position_ids.shape == (batch, length):
+        return position_ids
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == length:
+        return position_ids.expand(batch, -1)
+    raise ValueError(
+        f"position_ids must have shape (batch, new tokens) = ({batch}, {length}), got {tuple(position_ids.shape)}"
+    )
+
+
+def _check_seq_idx(seq_idx, batch: int, length: int):
+    if seq_idx is not None and seq_idx.shape != (batch, length):
+        raise ValueError(f"seq_idx must have shape (batch, new tokens) = ({batch}, {length}), got {tuple(seq_idx.shape)}")
+    return seq_idx
+
+
+def _same_document(seq_idx: torch.Tensor, past_length: int):
+    """A transformers mask function: query and key in the same packed document. The cached keys count as the
+    first document of the chunk. (transformers finds documents in restarting position_ids only; `seq_idx`
+    names them directly.)"""
+    key_documents = torch.cat([seq_idx[:, :1].expand(-1, past_length), seq_idx], dim=1)  # (B, S)
+
+    def same_document(batch_idx, head_idx, q_idx, kv_idx):
+        return key_documents[batch_idx, kv_idx] == key_documents[batch_idx, q_idx]
+
+    return same_document
 
 
 @dataclass
@@ -737,14 +769,13 @@ class HybridLMCausalLMOutput(MoeCausalLMOutputWithPast):
 class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
     """HybridLMModel with a language-modelling head.
 
-    The loss is the next-token cross-entropy (labels of -100 ignored). In training mode, and whenever
-    `output_router_logits` is on, the MoE regularisers are added to it: `router_aux_loss_coef` times
-    the load-balancing loss (returned as `aux_loss`) and `router_z_loss_coef` times the z-loss (`z_loss`);
-    both ignore padded tokens.
+    The loss is the next-token cross-entropy (labels of -100 ignored; transformers' loss kwargs such as
+    `num_items_in_batch` and `shift_labels` apply). In training mode, and whenever `output_router_logits` is on,
+    the MoE regularisers are added to it: `router_aux_loss_coef` times the load-balancing loss (returned as
+    `aux_loss`) and `router_z_loss_coef` times the z-loss (`z_loss`); both ignore padded tokens.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch
 
     def __init__(self, config: HybridLMConfig):
         super().__init__(config)
@@ -753,40 +784,37 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @accepts_cache_alias
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HybridLMCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         seq_idx: torch.LongTensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> HybridLMCausalLMOutput:
         """See `HybridLMModel.forward`. labels: (B, L) next-token targets (shifted inside), -100 = ignore.
-        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
-        num_items_in_batch: target tokens in the whole (gradient-accumulated) batch, given by Trainer so the
-        loss is a sum over tokens divided by it rather than a mean per micro-batch."""
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
+        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_losses = output_router_logits or (self.training and labels is not None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             seq_idx=seq_idx,
+            output_router_logits=router_losses and any(n > 1 for n in self.config.layers_num_experts),
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -797,20 +825,20 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            if labels.shape != (outputs.last_hidden_state.shape[0], outputs.last_hidden_state.shape[1]):
+            if labels.shape != outputs.last_hidden_state.shape[:2]:
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(outputs.last_hidden_state.shape[:2])}, "
                     f"got {tuple(labels.shape)}"
                 )
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position; leave logits_to_keep at 0 with labels")
-            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch)
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         aux_loss = z_loss = None
         router_logits = outputs.router_logits
-        if router_logits and (output_router_logits or (self.training and labels is not None)):
+        if router_logits and router_losses:
             length = outputs.last_hidden_state.shape[1]
-            token_mask = attention_mask[:, -length:] if attention_mask is not None else None
+            token_mask = attention_mask[:, -length:] if attention_mask is not None and attention_mask.dim() == 2 else None
             aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
                                            self.config.num_experts_per_tok, token_mask)
             if self.config.router_z_loss_coef > 0:
@@ -820,60 +848,16 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
                 if z_loss is not None:
                     loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
 
-        output = HybridLMCausalLMOutput(
+        return HybridLMCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=router_logits if output_router_logits else None,
+            **cache_output(getattr(outputs, CACHE_NAME)),
         )
-        return output if return_dict is not False else output.to_tuple()
-
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """transformers' `generate`, after checking the prompt: it must have at least one token, and an
-        `attention_mask` must have the prompt's shape (1 = token, 0 = padding; pad on the left)."""
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        attention_mask = kwargs.get("attention_mask")
-        if isinstance(input_ids, torch.Tensor) and kwargs.get("inputs_embeds") is None:
-            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-                raise ValueError(
-                    f"generate needs a non-empty prompt of shape (batch, length), got {tuple(input_ids.shape)}; "
-                    "start from at least one token (e.g. the tokenizer's bos_token_id)"
-                )
-            if attention_mask is not None and attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask must have shape (batch, cached + new tokens) = {tuple(input_ids.shape)}, the "
-                    f"prompt's shape, got {tuple(attention_mask.shape)}"
-                )
-        return super().generate(inputs, generation_config, **kwargs)
-
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        # generate() of some transformers 5.x releases leaves its `tokenizer` (stop_strings) among the model
-        # inputs; forward takes no catch-all **kwargs, so drop generation-only objects here.
-        for key in ("tokenizer", "assistant_tokenizer"):
-            kwargs.pop(key, None)
-        return super().prepare_inputs_for_generation(*args, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets a HybridLMCache (transformers' own caches cannot hold Mamba states here)."""
-        cache = model_kwargs.get("past_key_values")
-        if generation_config.cache_implementation is not None:
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by HybridLM, "
-                "which always decodes with its own HybridLMCache; leave cache_implementation unset"
-            )
-        if cache is not None:
-            if not isinstance(cache, HybridLMCache):
-                raise TypeError(
-                    f"past_key_values must be a HybridLMCache returned by this model, got {type(cache).__name__}"
-                )
-            cache.check_compatible(self.config)
-            cache._is_user_defined = True
-        elif generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = HybridLMCache(self.config)
 
 
 class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
@@ -889,19 +873,19 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @accepts_cache_alias
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HybridLMCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         seq_idx: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         """See `HybridLMModel.forward`. labels: (B,) class ids (or (B, num_labels) targets for regression and
         multi-label problems)."""
@@ -909,12 +893,11 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             seq_idx=seq_idx,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
         batch, length = hidden_states.shape[:2]
@@ -924,14 +907,13 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
-        output = SequenceClassifierOutputWithPast(
+        return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **cache_output(getattr(outputs, CACHE_NAME)),
         )
-        return output if return_dict is not False else output.to_tuple()
 
     def _last_token_index(self, input_ids, attention_mask, batch, length, device) -> torch.Tensor:
         positions = torch.arange(length, device=device)
