@@ -241,9 +241,18 @@ class HybridLMConfig(PreTrainedConfig):
 
     @property
     def layer_types(self) -> list[str]:
-        """transformers' naming of the mixers, for its cache and serving tooling."""
+        """transformers' naming of the mixers, which its caches and masks are built from.
+
+        transformers' caches know how many tokens they have seen only from a key/value layer (`get_seq_length`,
+        which generate() calls on every cache), so in a stack without attention the first Mamba layer is a
+        `"hybrid"` one: a linear-attention layer with a key/value stream of one-element keys (one per token,
+        never attended to) that counts positions.
+        """
         attention = "sliding_attention" if self.sliding_window is not None else "full_attention"
-        return [attention if kind == "attention" else "linear_attention" for kind in self.layers_block_type]
+        types = [attention if kind == "attention" else "linear_attention" for kind in self.layers_block_type]
+        if attention not in types:
+            types[0] = "hybrid"
+        return types
 
     def feed_forward_type(self, layer_idx: int) -> str:
         """`"none"`, `"mlp"` or `"moe"` for layer `layer_idx`."""

@@ -39,7 +39,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
-from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from . import transformers_compat as compat
@@ -139,14 +138,11 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention. attention_mask: (B, 1, L, S), an additive float mask (transformers' eager mask) or
-    a bool one (True = may attend; sdpa's, when attention weights are asked for), or None."""
+    """Plain softmax attention. attention_mask: (B, 1, L, S) additive float mask (transformers' eager mask) or None."""
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, L, S)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
+    if attention_mask is not None:
         scores = scores + attention_mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
@@ -196,8 +192,7 @@ class HybridLMAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (B, nkv, S, hd)
 
-        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, weights = attention(
             self,
             query,
@@ -409,8 +404,12 @@ class HybridLMMambaDecoderLayer(HybridLMDecoderLayer):
     def __init__(self, config: HybridLMConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.mamba = HybridLMMambaMixer(config, layer_idx)
+        self.counts_positions = config.layer_types[layer_idx] == "hybrid"  # see HybridLMConfig.layer_types
 
     def mix(self, hidden_states, attention_mask, position_embeddings, cache, seq_idx, **kwargs):
+        if self.counts_positions and cache is not None:
+            marks = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)  # (B, 1, L, 1)
+            cache.update(marks, marks, self.layer_idx)
         return self.mamba(hidden_states, attention_mask=attention_mask, cache=cache, seq_idx=seq_idx)
 
 
@@ -562,7 +561,6 @@ class HybridLMModel(HybridLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    @merge_with_config_defaults
     @capture_outputs
     @accepts_cache_alias
     def forward(
@@ -592,15 +590,15 @@ class HybridLMModel(HybridLMPreTrainedModel):
         """
         config = self.config
         _report_unused_kwargs(kwargs)
-        if self.training and use_cache and cache is None:
-            use_cache = False  # a training forward builds no cache unless one is handed in
+        if use_cache is None:  # unlike config.use_cache alone: a training forward builds no cache unless asked
+            use_cache = config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
         past_length = self._check_cache(cache)
         inputs_embeds = self._embed(input_ids, inputs_embeds, past_length)
         batch, length, _ = inputs_embeds.shape
         if not (past_length > 0 and length == 1):  # a decode step skips the checks: no host syncs there
-            _check_attention_mask(attention_mask, batch, past_length + length, length)
+            _check_attention_mask(attention_mask, batch, past_length + length)
             position_ids = _check_positions(position_ids, batch, length)
             seq_idx = _check_seq_idx(seq_idx, batch, length)
         if position_ids is None:
@@ -612,7 +610,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
         if seq_idx is None and attention_mask is None and length > 1 and "mamba" in config.layers_block_type:
             seq_idx = find_packed_sequence_indices(position_ids)
 
-        if not isinstance(mask_mapping := attention_mask, dict):
+        if isinstance(mask_mapping := attention_mask, dict):  # prepared by generate() for a static cache
+            mask_mapping = {"hybrid": mask_mapping.get("linear_attention"), **mask_mapping}
+        else:
             mask_mapping = self._masks(inputs_embeds, attention_mask, cache, position_ids, seq_idx, past_length)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
 
@@ -641,7 +641,8 @@ class HybridLMModel(HybridLMPreTrainedModel):
         config = self.config
         documents = _same_document(seq_idx, past_length) if seq_idx is not None else None
         # positional arguments: the cache argument's name differs between transformers releases
-        masks = {"linear_attention": create_recurrent_attention_mask(config, inputs_embeds, attention_mask, cache)}
+        recurrent = create_recurrent_attention_mask(config, inputs_embeds, attention_mask, cache)
+        masks = {"linear_attention": recurrent, "hybrid": recurrent}  # a "hybrid" layer's keys only count
         if "full_attention" in config.layer_types:
             masks["full_attention"] = create_causal_mask(
                 config, inputs_embeds, attention_mask, cache, position_ids, and_mask_function=documents
@@ -698,8 +699,6 @@ class HybridLMModel(HybridLMPreTrainedModel):
                 f"are {list(self.config.layers_block_type)}; pass DynamicCache(config=model.config), the cache this "
                 "model returned, or none"
             )
-        if "attention" not in kinds:
-            return int(any(cache.has_previous_state(i) for i in range(len(kinds))))  # no length kept; seen or not
         return cache.get_seq_length()
 
 
@@ -717,13 +716,10 @@ def _report_unused_kwargs(kwargs: dict) -> None:
 _MODEL_KWARGS = set(TransformersKwargs.__annotations__) | {"shift_labels", "ignore_index"}
 
 
-def _check_attention_mask(attention_mask, batch: int, total_length: int, length: int) -> None:
+def _check_attention_mask(attention_mask, batch: int, total_length: int) -> None:
     if attention_mask is None or isinstance(attention_mask, dict) or attention_mask.dim() == 4:
         return  # no mask, or masks prepared by the caller
-    known_total = total_length if total_length > length else None  # an all-Mamba cache keeps no length
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or (
-        attention_mask.shape[1] != known_total if known_total else attention_mask.shape[1] < length
-    ):
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != total_length:
         raise ValueError(
             f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {total_length}), got "
             f"{tuple(attention_mask.shape)}; it covers every position seen so far, with 1 for tokens and "
@@ -737,7 +733,8 @@ def _check_positions(position_ids, batch: int, length: int):
     if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == length:
         return position_ids.expand(batch, -1)
     raise ValueError(
-        f"position_ids must have shape (batch, new tokens) = ({batch}, {length}), got {tuple(position_ids.shape)}"
+        f"position_ids must have shape (batch, new tokens) = ({batch}, {length}), got {tuple(position_ids.shape)} "
+        "(generate derives them from attention_mask, which must have the prompt's shape: 1 = token, 0 = padding)"
     )
 
 

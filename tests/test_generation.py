@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import JambaForCausalLM, Trainer, TrainingArguments
+from transformers import DynamicCache, JambaForCausalLM, Trainer, TrainingArguments
 
 import hybrid_lm
+from hybrid_lm.transformers_compat import CACHE_NAME
 from builders import tiny_config, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conversion"))
@@ -38,9 +39,9 @@ def test_incremental_decoding_equals_one_full_forward(layout):
     full = model(input_ids).logits
     out = model(input_ids[:, :5], use_cache=True)  # prefill, then one token at a time
     steps = [out.logits]
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_NAME)
     for t in range(5, 14):
-        out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids[:, t : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
@@ -102,9 +103,9 @@ def test_generation_continues_from_a_returned_cache():
     model = tiny_model(**NO_EOS)
     input_ids = prompt()
     first = model.generate(input_ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(first.past_key_values, hybrid_lm.HybridLMCache)
-    continued = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=6,
-                               do_sample=False)
+    cache = getattr(first, CACHE_NAME)
+    assert isinstance(cache, DynamicCache)
+    continued = model.generate(first.sequences, **{CACHE_NAME: cache}, max_new_tokens=6, do_sample=False)
     torch.testing.assert_close(continued, greedy(model, input_ids, n=11))
 
 
@@ -138,16 +139,16 @@ def test_greedy_generation_equals_transformers_jamba(tmp_path):
 
 def test_bad_input_gets_a_clear_error():
     model = tiny_model()
-    with pytest.raises(ValueError, match="attention_mask must have shape"):
+    with pytest.raises(ValueError, match="attention_mask.*must have the prompt's shape|attention_mask must have shape"):
         model.generate(prompt(), attention_mask=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
     other = hybrid_lm.HybridLMForCausalLM(tiny_config(num_hidden_layers=2))
     _, cache = other(prompt(), use_cache=True).to_tuple()[:2]
     with pytest.raises(ValueError, match="different model"):
-        model.generate(prompt(), past_key_values=cache, max_new_tokens=2)
-    with pytest.raises(ValueError, match="non-empty prompt"):
+        model.generate(prompt(), **{CACHE_NAME: cache}, max_new_tokens=2)
+    with pytest.raises(ValueError, match="DynamicCache\\(config=model.config\\)"):
+        model.generate(prompt(), **{CACHE_NAME: DynamicCache()}, max_new_tokens=2)
+    with pytest.raises(ValueError, match="no tokens"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
-    with pytest.raises(ValueError, match="cache_implementation"):
-        model.generate(prompt(), cache_implementation="static", max_new_tokens=2)
 
 
 def test_trainer_evaluate_with_compute_metrics(tmp_path):
