@@ -63,7 +63,7 @@ class HybridLMConfig(PreTrainedConfig):
     """
 
     model_type = "hybrid_lm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output, by its name up to / from 5.24
     attribute_map = {"num_local_experts": "num_experts"}
 
     vocab_size: int = 65536

@@ -106,8 +106,11 @@ def _contract_channels(states: torch.Tensor, weights: torch.Tensor) -> torch.Ten
 
 
 class _SelectiveScanFn(torch.autograd.Function):
+    """forward / setup_context / backward in the separate form, which torch.func and torch.export require.
+    The third output, the state at each chunk start, is what the backward recomputes the chunks from."""
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk_size):
+    def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk_size):
         dtype = torch.promote_types(u.dtype, torch.float32)
         batch, channels, length = u.shape
         u_t, dt, A_, B_t, C_t = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, dtype)
@@ -134,14 +137,20 @@ class _SelectiveScanFn(torch.autograd.Function):
             y = y + D.to(dtype)[:, None] * u.to(dtype)
         out = y * F.silu(z.to(dtype)) if z is not None else y
 
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, torch.stack(chunk_starts))
+        return out.to(u.dtype), h, torch.stack(chunk_starts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk_size = inputs
+        chunk_starts = output[2]
+        ctx.mark_non_differentiable(chunk_starts)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, chunk_starts)
         ctx.has_initial_state = initial_state is not None
         ctx.delta_softplus = delta_softplus
         ctx.chunk_size = chunk_size
-        return out.to(u.dtype), h
 
     @staticmethod
-    def backward(ctx, grad_out, grad_final_state):
+    def backward(ctx, grad_out, grad_final_state, _grad_chunk_starts):
         u, delta, A, B, C, D, z, delta_bias, reset, chunk_starts = ctx.saved_tensors
         dtype = chunk_starts.dtype
         chunk_size, length = ctx.chunk_size, u.shape[-1]
@@ -254,7 +263,7 @@ def selective_scan_ref(
         (B, D, N) in float32 (float64 for float64 inputs).
     """
     reset = resets_from_seq_idx(seq_idx) if seq_idx is not None else None
-    out, final_state = _SelectiveScanFn.apply(
+    out, final_state, _ = _SelectiveScanFn.apply(
         u, delta, A, B, C, D, z, delta_bias, initial_state, reset, delta_softplus, chunk_size
     )
     return (out, final_state) if return_final_state else out

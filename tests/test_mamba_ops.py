@@ -7,10 +7,11 @@ import types
 
 import pytest
 import torch
+from transformers import DynamicCache
 from transformers.dynamic_module_utils import get_imports
 
 import hybrid_lm
-from hybrid_lm import HybridLMCache, HybridLMConfig, HybridLMForCausalLM, mamba_ops, triton_conv, triton_ssm  # noqa: F401 (imported under the interpreter setting of conftest)
+from hybrid_lm import HybridLMConfig, HybridLMForCausalLM, mamba_ops, triton_conv, triton_ssm  # noqa: F401 (imported under the interpreter setting of conftest)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PACKAGE = os.path.dirname(mamba_ops.__file__)
@@ -122,9 +123,9 @@ def test_compiled_train_and_decode_steps_have_no_graph_break():
     loss = compiled(ids, labels=ids, position_ids=positions).loss
     loss.backward()
     assert torch.allclose(loss, expected, rtol=1e-4)
-    cache = HybridLMCache(model.config)
-    model(ids, past_key_values=cache, use_cache=True)
-    step = torch.compile(lambda tok, cache: model(tok, past_key_values=cache, use_cache=True).logits, fullgraph=True)
+    cache = DynamicCache(config=model.config)
+    model(ids, cache=cache, use_cache=True)
+    step = torch.compile(lambda tok, cache: model(tok, cache=cache, use_cache=True).logits, fullgraph=True)
     with torch.no_grad():
         assert torch.isfinite(step(ids[:, :1], cache)).all()
 
