@@ -28,6 +28,7 @@ from transformers import (
 from transformers.utils import logging
 
 import hybrid_lm  # noqa: F401  (registers the Auto classes)
+from hybrid_lm.transformers_compat import enable_activation_checkpointing
 
 logger = logging.get_logger("hybrid_lm.finetune")
 
@@ -107,7 +108,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if on_gpu else torch.float32)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, {"use_reentrant": False})
         model.enable_input_require_grads()
     if args.lora:
         model = add_lora(model, args)

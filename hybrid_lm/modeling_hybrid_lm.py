@@ -711,9 +711,9 @@ def _report_unused_kwargs(kwargs: dict) -> None:
         )
 
 
-# What the forwards take through **kwargs: transformers' model kwargs, and its loss kwargs (which the causal-LM
-# forward hands to `loss_function`).
-_MODEL_KWARGS = set(TransformersKwargs.__annotations__) | {"shift_labels", "ignore_index"}
+# What the forwards take through **kwargs: transformers' model kwargs, its loss kwargs (which the causal-LM
+# forward hands to `loss_function`) and `return_dict` (taken by the output decorators).
+_MODEL_KWARGS = set(TransformersKwargs.__annotations__) | {"shift_labels", "ignore_index", "return_dict"}
 
 
 def _check_attention_mask(attention_mask, batch: int, total_length: int) -> None:

@@ -65,3 +65,14 @@ def recurrent_state(cache, layer_idx: int):
         return cache.get_recurrent_state(layer_idx)
     layer = cache.layers[layer_idx]
     return layer.recurrent_states[0] if layer.has_previous_state[0] else None
+
+
+# 3. Activation checkpointing: `model.activation_checkpointing_enable` from 5.23 on, where the old
+#    `gradient_checkpointing_enable` is deprecated (until v6); 5.17 has only the old name. Goes when the minimum
+#    supported release is 5.23.
+def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = None) -> None:
+    """Turns on activation (gradient) checkpointing of `model`'s decoder layers."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 import hybrid_lm
-from hybrid_lm.transformers_compat import CACHE_NAME
+from hybrid_lm.transformers_compat import CACHE_NAME, enable_activation_checkpointing
 from builders import run_without_package, tiny_config, tiny_model
 
 
@@ -96,9 +96,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(input_ids, labels=input_ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    # transformers 5.23 renamed the switch; 5.17 only has the old name
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable_activation_checkpointing(model)
     model(input_ids, labels=input_ids).loss.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, plain[name], msg=name)
