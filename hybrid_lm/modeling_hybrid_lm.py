@@ -363,6 +363,7 @@ class HybridLMDecoderLayer(GradientCheckpointingLayer):
         if feed_forward != "none":
             self.pre_ff_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.feed_forward = HybridLMSparseMoeBlock(config) if feed_forward == "moe" else HybridLMMLP(config)
+        self.is_moe = feed_forward == "moe"
 
     def mix(self, hidden_states, attention_mask, position_embeddings, cache, seq_idx, **kwargs) -> torch.Tensor:
         raise NotImplementedError
@@ -606,8 +607,8 @@ class HybridLMModel(HybridLMPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
-        # packed documents for the Mamba layers (attention finds them in position_ids itself)
-        if seq_idx is None and attention_mask is None and length > 1 and "mamba" in config.layers_block_type:
+        # packed documents, for the Mamba layers and (transformers looks for them only without a cache) the masks
+        if seq_idx is None and attention_mask is None and length > 1:
             seq_idx = find_packed_sequence_indices(position_ids)
 
         if isinstance(mask_mapping := attention_mask, dict):  # prepared by generate() for a static cache
@@ -640,6 +641,10 @@ class HybridLMModel(HybridLMPreTrainedModel):
         """One mask per layer type in `config.layer_types`, from transformers' masking utilities."""
         config = self.config
         documents = _same_document(seq_idx, past_length) if seq_idx is not None else None
+        # With our document function, transformers must not also find the documents in position_ids: the two
+        # combined give wrong masks (seen on 5.24: the last query of a packed row loses its own document).
+        if documents is not None:
+            position_ids = None
         # positional arguments: the cache argument's name differs between transformers releases
         recurrent = create_recurrent_attention_mask(config, inputs_embeds, attention_mask, cache)
         masks = {"linear_attention": recurrent, "hybrid": recurrent}  # a "hybrid" layer's keys only count
