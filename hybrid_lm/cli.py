@@ -149,7 +149,9 @@ def _train_tokenizer_command(args: argparse.Namespace) -> None:
         raise CommandError(f"cannot write the tokenizer to {output} ({error}); nothing was changed there") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once it has been renamed into place
-    print(f"saved a {len(tokenizer)}-token tokenizer to {output}")
+    short = len(tokenizer) < args.vocab_size
+    short = f" (not the {args.vocab_size} asked for: the corpus ran out of pairs)" if short else ""
+    print(f"saved a {len(tokenizer)}-token tokenizer to {output}{short}")
 
 
 def _check_output(output: Path, overwrite: bool) -> bool:

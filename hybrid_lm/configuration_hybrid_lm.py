@@ -3,10 +3,13 @@
 import dataclasses
 import difflib
 import math
+import os
 
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .loading_checks import local_folder, read_json_file
 
 LAYER_TYPES = ("attention", "mamba")
 # Written into every saved config.json, so trust_remote_code finds each Auto class in the copied code.
@@ -157,6 +160,28 @@ class HybridLMConfig(PreTrainedConfig):
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self._validate_options()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """transformers' reader, with the path and the file checked first (see `loading_checks`), and a
+        config.json of another model type (or of none) refused instead of read as a hybrid_lm one."""
+        folder = local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        if folder is not None and os.path.isfile(os.path.join(folder, "config.json")):
+            read_json_file(os.path.join(folder, "config.json"))
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is None:
+            raise ValueError(
+                f"the config.json of {pretrained_model_name_or_path} has no model_type; a hybrid_lm config says "
+                f'"model_type": "{cls.model_type}" (add it if this is one), other checkpoints convert with '
+                "conversion/convert.py"
+            )
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} checkpoint, not {cls.model_type!r}; load it "
+                f"with its own class, or convert it: python conversion/convert.py SRC DST"
+            )
+        return config_dict, kwargs
 
     # ------------------------------------------------------------------ validation
     def _check_known_keys(self, extra: dict):
