@@ -34,3 +34,11 @@ def test_shortened_quickstart_then_lora_finetune(tmp_path):
     assert (tmp_path / "ft" / "merged" / "model.safetensors").exists()
     run("finetune.py", "--model", model_dir, "--data", data, "--output-dir", tmp_path / "ft", "--lora",
         "--max-steps", 4, "--batch-size", 4, "--save-steps", 2, "--resume", cwd=tmp_path)
+
+
+def test_quickstart_refuses_zero_steps_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--max-steps", "0",
+                             "--output-dir", str(tmp_path / "qs")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "argument --max-steps: 0 is too small; give at least 1" in result.stderr
+    assert not (tmp_path / "qs").exists()

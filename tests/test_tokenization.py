@@ -623,3 +623,8 @@ def test_a_device_that_never_ends_is_refused(tmp_path, capsys):
     assert "'/dev/zero' is not a regular file (a device, pipe or socket)" in capsys.readouterr().err
     with pytest.raises(OSError, match="is not a regular file"):
         train_tokenizer("/dev/zero", vocab_size=300, show_progress=False)
+
+
+def test_cli_prints_its_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"hybrid-lm {hybrid_lm.__version__}\n"
