@@ -166,3 +166,25 @@ def test_a_saved_model_config_loads_back(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.architectures == ["HybridLMForCausalLM"] and loaded.use_cache is False
+
+
+# ----------------------------------------------------------------------------- loading errors name the path
+
+
+def test_loading_errors_name_the_path_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); check the path"):
+        HybridLMConfig.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty is an empty folder: nothing to load"):
+        HybridLMConfig.from_pretrained(tmp_path / "empty")
+    HybridLMConfig(num_hidden_layers=4).save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    for content, message in [("", r"config\.json is empty; save it again"),
+                             ('{"vocab_size": 1', r"config\.json is not valid JSON \(.*; 16 bytes, truncated\?\)"),
+                             (json.dumps({k: v for k, v in saved.items() if k != "model_type"}),
+                              r"has no model_type; a hybrid_lm config says \"model_type\": \"hybrid_lm\""),
+                             (json.dumps({**saved, "model_type": "jamba"}),
+                              r"holds a 'jamba' checkpoint, not 'hybrid_lm'; .* python conversion/convert\.py")]:
+        (tmp_path / "ckpt" / "config.json").write_text(content)
+        with pytest.raises(ValueError, match=message):
+            HybridLMConfig.from_pretrained(tmp_path / "ckpt")
