@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -63,6 +63,12 @@ class SafetensorsWeights:
             raise ConversionError(
                 f"no safetensors weights in {folder} (expected model.safetensors or model.safetensors.index.json)"
             )
+        for path in self.files:  # a truncated file fails here, by name, not halfway through the conversion
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except SafetensorError as error:
+                raise ConversionError(f"{path} is truncated or damaged ({error}); download or copy it again") from None
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         """The shape of tensor `key` without reading it, or None when no shard has it."""

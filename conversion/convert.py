@@ -2,7 +2,7 @@
 
     python conversion/convert.py SRC DST [--from jamba|mamba|mamba_ssm|mixtral|llama|hybrid_lm]
                                  [--to hybrid_lm|jamba] [--dtype float32|bfloat16|float16]
-                                 [--max-shard-size BYTES] [--no-verify] [--tolerance 1e-4]
+                                 [--max-shard-size 2GB] [--no-verify] [--tolerance 1e-4]
 
 SRC is a transformers folder (JambaForCausalLM, MambaForCausalLM, MixtralForCausalLM, LlamaForCausalLM), a
 state-spaces mamba_ssm folder (config.json with d_model / n_layer, pytorch_model.bin), or with --to jamba a
@@ -20,7 +20,11 @@ so the check measures the conversion, not the rounding.
 """
 
 import argparse
+import json
+import math
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -35,6 +39,8 @@ from checkpoint_io import ConversionError, ConversionWarning, ShardWriter, read_
 from sources import SOURCES, SourceFormat, detect_source, open_weights  # noqa: E402
 from targets import TARGETS, TargetFormat  # noqa: E402
 
+from transformers.utils.hub import convert_file_size_to_int  # noqa: E402
+
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM  # noqa: E402
 
 TOKENIZER_FILES = (
@@ -42,6 +48,8 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The work folder of a run, next to DST, is this then the run's pid: a later run removes those of dead runs.
+STAGING = ".{name}.converting-"
 
 __all__ = ["ConversionError", "ConversionWarning", "convert", "main"]
 
@@ -72,12 +80,17 @@ def convert(src, dst, source_format: str | None = None, dtype: str | None = None
         raise ConversionError(f"{src} has no config.json; point SRC at a checkpoint folder")
     if dst.exists():
         raise ConversionError(f"destination {dst} already exists; choose a new folder or remove it first")
+    below_file = next((parent for parent in dst.parents if parent.exists() and not parent.is_dir()), None)
+    if below_file is not None:
+        raise ConversionError(f"destination {dst} is below {below_file}, which is a file; choose a folder path")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if target_format not in TARGETS:
         raise ConversionError(f"unknown target format {target_format!r}; use one of {sorted(TARGETS)}")
     if max_shard_size < 1:
         raise ConversionError(f"--max-shard-size must be a positive number of bytes, got {max_shard_size}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ConversionError(f"--tolerance must be a number >= 0 (a max |logit difference|), got {tolerance!r}")
 
     source_config = read_json(src / "config.json")
     name = source_format or detect_source(source_config)
@@ -101,17 +114,14 @@ def convert(src, dst, source_format: str | None = None, dtype: str | None = None
         raise ConversionError(f"{src} cannot be exported to {target.name}: {error}") from error
     output_config.dtype = dtype or source_config.get("dtype") or source_config.get("torch_dtype")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    work = _make_work_folder(dst)
     try:
         _write_weights(weights, source, config, work, DTYPES.get(dtype), max_shard_size)
         del weights  # a memory-mapped pickle stays mapped while referenced
         if target.writes_code:
             _write_code(work, config)
         output_config.save_pretrained(work)
-        for file in TOKENIZER_FILES:
-            if (src / file).exists():
-                shutil.copy2(src / file, work / file)
+        _copy_tokenizer(src, work)
         if verify:
             diff = verify_conversion(src, source_config, source, work, target, DTYPES.get(dtype))
             print(f"verified: max |logit difference| = {diff:.3e} (tolerance {tolerance:g})")
@@ -119,11 +129,51 @@ def convert(src, dst, source_format: str | None = None, dtype: str | None = None
                 raise ConversionError(
                     f"converted model disagrees with the source: max |logit difference| {diff:.3e} > {tolerance:g}"
                 )
+        _apply_umask(work)
         work.rename(dst)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise ConversionError(f"cannot write {dst} ({error}); nothing was left behind") from error
         raise
     return dst
+
+
+def _make_work_folder(dst: Path) -> Path:
+    """A hidden folder next to DST; first removes the ones earlier runs left when they were killed (SIGKILL,
+    power loss), naming each."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        prefix = STAGING.format(name=dst.name)
+        for stale in dst.parent.glob(prefix + "*"):
+            pid = stale.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+                print(f"removed {stale}, left behind by an interrupted earlier conversion", file=sys.stderr)
+        work = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=dst.parent))
+    except OSError as error:
+        raise ConversionError(f"cannot create {dst} ({error.strerror}: {error.filename}); choose a writable "
+                              f"destination") from None
+    return work
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and safetensors writes 0600: give DST what the user's umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_weights(weights, source: SourceFormat, config: HybridLMConfig, work: Path, dtype, max_bytes: int):
@@ -164,6 +214,20 @@ def _write_weights(weights, source: SourceFormat, config: HybridLMConfig, work: 
     writer.close()
 
 
+def _copy_tokenizer(src: Path, work: Path) -> None:
+    """Copies the tokenizer files; names the source's class where SRC leaves it out, since AutoTokenizer would
+    otherwise pick HybridLMTokenizer (from model_type) and split the source vocabulary the hybrid_lm way."""
+    for file in TOKENIZER_FILES:
+        if (src / file).exists():
+            shutil.copy2(src / file, work / file)
+    if not (work / "tokenizer.json").exists():
+        return
+    settings = read_json(work / "tokenizer_config.json") if (work / "tokenizer_config.json").exists() else {}
+    if "tokenizer_class" not in settings:
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"  # the tokenizer.json as it is
+        (work / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def _write_code(work: Path, config: HybridLMConfig) -> None:
     """hybrid_lm's modeling files next to the weights, so trust_remote_code=True loads them anywhere."""
     from transformers.dynamic_module_utils import custom_object_save
@@ -195,6 +259,18 @@ def verify_conversion(src: Path, source_config: dict, source: SourceFormat, dst:
     return (expected - actual).abs().max().item()
 
 
+def shard_size(text: str) -> int:
+    """`--max-shard-size`: bytes, or a size with a unit (`2GB`, `500MB`, `1GiB`) as transformers reads it."""
+    try:
+        return int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give bytes or e.g. 2GB, 500MB, 1GiB") from None
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="source checkpoint folder")
@@ -208,8 +284,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the logit comparison (models too big to load twice)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (default 1e-4)")
-    parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3,
-                        help="bytes per output shard (default 2 GiB)")
+    parser.add_argument("--max-shard-size", type=shard_size, default=2 * 1024**3,
+                        help="bytes per output shard: a number, or with a unit as transformers takes it (2GB, "
+                        "500MB, 1GiB); default 2 GiB")
     args = parser.parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConversionWarning)
@@ -219,6 +296,9 @@ def main(argv=None) -> int:
         except ConversionError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"interrupted; {args.dst} was not written and nothing was left behind", file=sys.stderr)
+            return 130
         finally:
             for warning in caught:
                 print(f"warning: {warning.message}", file=sys.stderr)
@@ -227,4 +307,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupted)  # so the cleanup in convert() runs, as for Ctrl-C
     sys.exit(main())

@@ -13,6 +13,7 @@ interrupted run with --resume (the newest checkpoint in --output-dir) or --resum
 """
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -35,7 +36,9 @@ logger = logging.get_logger("hybrid_lm.finetune")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="hybrid_lm checkpoint folder or Hub id (with its tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="hybrid_lm checkpoint folder or Hub id (with its tokenizer), or a LoRA adapter folder "
+                        "this script saved (with --lora: training continues on its base model)")
     parser.add_argument("--data", nargs="+", required=True, type=Path, help=".txt or .jsonl files")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--whole-files", action="store_true", help="one example per .txt file instead of per line")
@@ -85,7 +88,7 @@ def add_lora(model, args):
     try:
         import peft
     except ImportError:
-        raise SystemExit("error: --lora needs peft: pip install 'hybrid-lm[train]'") from None
+        raise SystemExit("error: --lora needs peft: pip install peft (or pip install -e '.[train]' here)") from None
     targets = args.lora_targets or list(model.lora_target_modules)
     config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05, target_modules=targets,
                              task_type="CAUSAL_LM")
@@ -100,18 +103,36 @@ def add_lora(model, args):
     return model
 
 
+def load_model(args, dtype):
+    """The model and tokenizer of --model. A local folder is loaded by its absolute path, so that an adapter saved
+    from it names a base model that loads from anywhere; an adapter folder loads its base with the adapter."""
+    model_path = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    adapter_config = Path(model_path) / "adapter_config.json"
+    base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.is_file() else None
+    if base is not None and not args.lora:
+        raise SystemExit(f"error: {args.model} is a LoRA adapter of {base}: pass --lora to keep training it, or pass "
+                         f"a full model as --model (the base {base}, or the adapter merged with --merge)")
+    model = AutoModelForCausalLM.from_pretrained(base or model_path, dtype=dtype)
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model, {"use_reentrant": False})
+        model.enable_input_require_grads()
+    if base is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, model_path, is_trainable=True)
+        model.print_trainable_parameters()
+    elif args.lora:
+        model = add_lora(model, args)
+    has_tokenizer = (Path(model_path) / "tokenizer.json").is_file()
+    return model, AutoTokenizer.from_pretrained(model_path if base is None or has_tokenizer else base)
+
+
 def main(argv=None):
     args = parse_args(argv)
     set_seed(args.seed)
     on_gpu = torch.cuda.is_available()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if on_gpu else torch.float32)
-    if args.gradient_checkpointing:
-        enable_activation_checkpointing(model, {"use_reentrant": False})
-        model.enable_input_require_grads()
-    if args.lora:
-        model = add_lora(model, args)
+    model, tokenizer = load_model(args, torch.bfloat16 if on_gpu else torch.float32)
 
     texts = load_texts(args.data, args.text_field, args.whole_files)
     texts = texts.filter(lambda example: bool(example["text"].strip()))

@@ -21,12 +21,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 import hybrid_lm
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small; give at least 1")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="a text file or a folder of .py/.txt/.md files (default: stdlib)")
     parser.add_argument("--corpus-mb", type=float, default=2.0, help="read at most this many MB of text")
     parser.add_argument("--output-dir", type=Path, default=Path("output/quickstart"))
-    parser.add_argument("--max-steps", type=int, default=80)
+    parser.add_argument("--max-steps", type=at_least_one, default=80,
+                        help="training steps (at least 1: Trainer reads 0 as 'train by epochs')")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=3e-3)

@@ -1,5 +1,6 @@
 """The `hybrid-lm` command line.
 
+    hybrid-lm --version
     hybrid-lm train-tokenizer --input FILES... --vocab-size N --output DIR
                               [--min-frequency N] [--model-max-length N] [--encoding-errors {strict,replace}]
                               [--overwrite]
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from . import __version__
 from .configuration_hybrid_lm import HybridLMConfig
 from .tokenization_hybrid_lm import DEFAULT_SPECIAL_TOKENS, NUM_BYTES, check_input_files, train_tokenizer
 
@@ -46,6 +48,7 @@ def _int_at_least(minimum: int, why: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Tools for hybrid_lm models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
@@ -149,7 +152,9 @@ def _train_tokenizer_command(args: argparse.Namespace) -> None:
         raise CommandError(f"cannot write the tokenizer to {output} ({error}); nothing was changed there") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once it has been renamed into place
-    print(f"saved a {len(tokenizer)}-token tokenizer to {output}")
+    short = len(tokenizer) < args.vocab_size
+    short = f" (not the {args.vocab_size} asked for: the corpus ran out of pairs)" if short else ""
+    print(f"saved a {len(tokenizer)}-token tokenizer to {output}{short}")
 
 
 def _check_output(output: Path, overwrite: bool) -> bool:

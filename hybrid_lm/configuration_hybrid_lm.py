@@ -1,9 +1,15 @@
 """HybridLM configuration: one config for Jamba-style hybrids, pure Transformers and pure Mamba models."""
 
+import dataclasses
+import difflib
 import math
+import os
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .loading_checks import local_folder, read_json_file
 
 LAYER_TYPES = ("attention", "mamba")
 # Written into every saved config.json, so trust_remote_code finds each Auto class in the copied code.
@@ -14,6 +20,14 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_hybrid_lm.HybridLMForSequenceClassification",
 }
 KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
+# Keys that are not fields but that PreTrainedConfig.__post_init__ consumes, from_pretrained passes, or
+# save_pretrained writes (transformers 5.17 to 5.24); generation parameters are added from GenerationConfig.
+PRETRAINED_CONFIG_KEYS = frozenset({
+    "model_type", "transformers_version", "auto_map", "name_or_path", "_name_or_path", "_commit_hash", "torch_dtype",
+    "num_labels", "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+    "_attn_implementation_internal", "_experts_implementation_internal", "rope_scaling", "rope_theta",
+    "partial_rotary_factor", "quantization_config", "tokenizer_class",
+})
 
 
 class HybridLMConfig(PreTrainedConfig):
@@ -124,6 +138,8 @@ class HybridLMConfig(PreTrainedConfig):
     kernel_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
+        self._check_known_keys(kwargs)
+        self._check_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -145,7 +161,52 @@ class HybridLMConfig(PreTrainedConfig):
             self.auto_map = dict(AUTO_MAP)
         self._validate_options()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """transformers' reader, with the path and the file checked first (see `loading_checks`), and a
+        config.json of another model type (or of none) refused instead of read as a hybrid_lm one."""
+        folder = local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        if folder is not None and os.path.isfile(os.path.join(folder, "config.json")):
+            read_json_file(os.path.join(folder, "config.json"))
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is None:
+            raise ValueError(
+                f"the config.json of {pretrained_model_name_or_path} has no model_type; a hybrid_lm config says "
+                f'"model_type": "{cls.model_type}" (add it if this is one), other checkpoints convert with '
+                "conversion/convert.py"
+            )
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} checkpoint, not {cls.model_type!r}; load it "
+                f"with its own class, or convert it: python conversion/convert.py SRC DST"
+            )
+        return config_dict, kwargs
+
     # ------------------------------------------------------------------ validation
+    def _check_known_keys(self, extra: dict):
+        """A key that is neither a field nor one transformers itself passes is a typo: refuse it, never ignore it."""
+        fields = [field.name for field in dataclasses.fields(self)]
+        known = PRETRAINED_CONFIG_KEYS | set(fields) | set(self.attribute_map)
+        known |= set(GenerationConfig._get_default_generation_params())
+        for key in extra:
+            if key not in known and not isinstance(getattr(type(self), key, None), property):
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "see HybridLMConfig's docstring for the fields"
+                raise ValueError(f"{key!r} ({extra[key]!r}) is not a HybridLMConfig field; {hint}")
+
+    def _check_types(self):
+        """Booleans must be bools (`"no"` is truthy) and per-layer lists must be lists (a string is iterable)."""
+        for name, annotation in type(self).__annotations__.items():
+            if annotation is bool and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be True or False")
+        for name in ("layers_block_type", "layers_num_experts"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(
+                    f"{name} ({value!r}) must be a list with one entry per layer, or None to use the period/offset"
+                )
+
     def _validate_sizes(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "head_dim", "num_experts", "mamba_d_state", "mamba_d_conv", "mamba_expand"):
@@ -219,10 +280,19 @@ class HybridLMConfig(PreTrainedConfig):
             _require_positive_int("sliding_window", self.sliding_window)
         if self.use_rope and self.head_dim % 2:
             raise ValueError(f"use_rope needs an even head_dim, got {self.head_dim}; change hidden_size or the heads")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "attention_dropout", "rms_norm_eps"):
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} ({value!r}) must be a number >= 0")
+        if not isinstance(self.attention_dropout, (int, float)) or not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"attention_dropout ({self.attention_dropout!r}) is a probability: use 0 <= p < 1")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_parameters['rope_type'] ({rope_type!r}) is unknown; use one of "
+                f"{['default', *ROPE_INIT_FUNCTIONS]}"
+            )
+        self._validate_token_ids()
         if self.intermediate_size < 1 and any(count > 0 for count in self.layers_num_experts):
             raise ValueError(
                 "intermediate_size (0) must be positive when a layer has a feed-forward block; set it, or set "
@@ -233,6 +303,19 @@ class HybridLMConfig(PreTrainedConfig):
                 f"mamba_dt_min ({self.mamba_dt_min}) and mamba_dt_max ({self.mamba_dt_max}) must satisfy "
                 "0 < mamba_dt_min <= mamba_dt_max"
             )
+
+    def _validate_token_ids(self):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            for token_id in ids:
+                if token_id is not None and (
+                    not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < self.vocab_size
+                ):
+                    raise ValueError(
+                        f"{name} ({value!r}) must be None or an id in the vocabulary, 0..{self.vocab_size - 1} "
+                        f"(vocab_size {self.vocab_size}); use the tokenizer's {name}, or None"
+                    )
 
     # ------------------------------------------------------------------ derived views
     @property

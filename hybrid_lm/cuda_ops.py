@@ -14,11 +14,17 @@ import torch
 try:  # transformers' remote-code loader skips imports inside try blocks
     import selective_scan_cuda
 except ImportError as error:
-    raise ImportError("the 'cuda' backend needs mamba-ssm: pip install hybrid-lm[cuda]") from error
+    raise ImportError(
+        "the 'cuda' backend needs mamba-ssm: pip install 'mamba-ssm>=2.2' (or pip install -e '.[cuda]' in a "
+        "hybrid_lm checkout; hybrid-lm is not on PyPI)"
+    ) from error
 try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 except ImportError as error:
-    raise ImportError("the 'cuda' backend needs causal-conv1d: pip install hybrid-lm[cuda]") from error
+    raise ImportError(
+        "the 'cuda' backend needs causal-conv1d: pip install 'causal-conv1d>=1.4' (or pip install -e '.[cuda]' in "
+        "a hybrid_lm checkout; hybrid-lm is not on PyPI)"
+    ) from error
 
 
 def scan_supports(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, return_final_state) -> bool:

@@ -54,7 +54,8 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
 ```
 
-With `pip install hybrid-lm` and `import hybrid_lm`, the Auto classes load it without `trust_remote_code`.
+With the hybrid_lm package installed from its source (`pip install -e .` in a checkout; it is not on PyPI) and
+`import hybrid_lm`, the Auto classes load it without `trust_remote_code`.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 

@@ -51,6 +51,7 @@ from .feed_forward_hybrid_lm import (
     router_z_loss,
 )
 from .hub_hybrid_lm import push_folder_to_hub
+from .loading_checks import check_weight_files
 from .mamba_ops import (
     causal_conv1d,
     causal_conv1d_update,
@@ -497,6 +498,9 @@ class HybridLMPreTrainedModel(PreTrainedModel):
 
         The loader runs with `ignore_mismatched_sizes=True` so that it reports every mismatch instead of failing
         on the first without the config fields to check; the user's `ignore_mismatched_sizes` is applied here."""
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if source is not None:
+            check_weight_files(source, kwargs.get("subfolder", ""))
         wants_info = kwargs.pop("output_loading_info", False)
         shapes_may_differ = kwargs.pop("ignore_mismatched_sizes", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)

@@ -21,9 +21,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
-from transformers.utils import logging
+from transformers.utils import cached_file, logging
 
 from .configuration_hybrid_lm import HybridLMConfig
+from .loading_checks import local_folder, read_json_file
 
 logger = logging.get_logger(__name__)
 
@@ -141,6 +142,47 @@ class HybridLMTokenizer(PreTrainedTokenizerFast):
         )
 
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, **kwargs):
+        """transformers' loader, after a check that the folder holds a `tokenizer.json` this class saved.
+
+        transformers reads only the vocabulary and merges of a `tokenizer.json` into this class's pipeline, so a
+        missing file would give an untrained byte-only tokenizer, and another model's file (a converted
+        checkpoint without `tokenizer_class`) its vocabulary split the hybrid_lm way: both are refused.
+        """
+        folder = local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        path = cached_file(
+            pretrained_model_name_or_path, "tokenizer.json", subfolder=kwargs.get("subfolder", ""),
+            cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"), token=kwargs.get("token"),
+            local_files_only=kwargs.get("local_files_only", False), _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        if path is None:
+            where = folder or pretrained_model_name_or_path
+            raise OSError(
+                f"{where} has no tokenizer.json, so it holds no trained HybridLMTokenizer (without one you would get "
+                f"a byte-only tokenizer); save it there with tokenizer.save_pretrained, or pass the folder that holds it"
+            )
+        saved = read_json_file(path).get("pre_tokenizer")
+        if _pipeline_signature(saved) != _pipeline_signature(_byte_level_bpe({}, []).pre_tokenizer):
+            steps = [step[0] for step in _pipeline_signature(saved)] or ["none"]
+            raise ValueError(
+                f"{path} was not saved by HybridLMTokenizer (its pre-tokenizer is {' + '.join(map(str, steps))}, not "
+                f"Digits + ByteLevel): read here it would give other ids than the tokenizer it belongs to. Load it with "
+                f'its own class: set "tokenizer_class" in tokenizer_config.json (e.g. "PreTrainedTokenizerFast"), or '
+                f"call PreTrainedTokenizerFast.from_pretrained"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
+
+
+def _pipeline_signature(pre_tokenizer: dict | pre_tokenizers.PreTokenizer | None) -> list[tuple]:
+    """The steps of a (serialised) pre-tokenizer with the options that change how text is split."""
+    if isinstance(pre_tokenizer, pre_tokenizers.PreTokenizer):
+        pre_tokenizer = json.loads(pre_tokenizer.__getstate__())
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
+    return [(s.get("type"), s.get("individual_digits"), s.get("add_prefix_space"), s.get("use_regex")) for s in steps]
+
+
 def _saved_post_processor(init_kwargs: dict) -> dict | None:
     """The post-processor (as JSON) of the tokenizer being loaded, if `from_pretrained` passed one along."""
     if init_kwargs.get("post_processor") is not None:
@@ -190,6 +232,11 @@ def check_input_files(paths: list[str | os.PathLike]) -> None:
         if os.path.isdir(path):
             raise IsADirectoryError(
                 f"input {os.fspath(path)!r} is a directory; pass the files inside it (e.g. {os.fspath(path)}/*.txt)"
+            )
+        if not os.path.isfile(path):  # a device such as /dev/zero, or a pipe, may never end
+            raise OSError(
+                f"input {os.fspath(path)!r} is not a regular file (a device, pipe or socket); save the text to a "
+                f"file and pass that"
             )
         try:
             open(path, "rb").close()
@@ -251,7 +298,8 @@ def train_tokenizer(
             every other character are kept), or any other iterable of strings (or of lists of strings), such as
             a generator or a `datasets` column. To train on a list of texts, pass `iter(texts)`.
         vocab_size: size of the final vocabulary, special tokens and the 256 byte symbols included; defaults to
-            `HybridLMConfig().vocab_size`. Training may stop below it when the corpus runs out of pairs.
+            `HybridLMConfig().vocab_size`. Training stops below it, with a warning, when the corpus runs out of
+            pairs; a corpus that gives no merge at all is a `ValueError`.
         special_tokens: overrides for `DEFAULT_SPECIAL_TOKENS` (keys `pad_token`, `bos_token`, `eos_token`,
             `system_token`, `user_token`, `assistant_token`); they get ids 0..5 in that order and the last three
             are the chat template's role markers.
@@ -303,6 +351,17 @@ def train_tokenizer(
     )
     backend.train_from_iterator(texts, trainer=trainer, length=num_blocks)
     trained = json.loads(backend.to_str())["model"]
+    if not trained["merges"]:
+        raise ValueError(
+            f"the corpus gave no merges (it is empty, or no pair of symbols occurs {max(min_frequency, 1)} times); "
+            f"train on more text, or lower min_frequency"
+        )
+    if len(trained["vocab"]) < vocab_size:
+        logger.warning(
+            f"trained {len(trained['vocab'])} tokens, not the {vocab_size} asked for: no more pairs of symbols occur "
+            f"min_frequency ({min_frequency}) times in the corpus; train on more text, or set your config's "
+            f"vocab_size to len(tokenizer) = {len(trained['vocab'])}"
+        )
     return HybridLMTokenizer(
         vocab=trained["vocab"],
         merges=[tuple(merge) for merge in trained["merges"]],

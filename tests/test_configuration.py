@@ -5,6 +5,7 @@ from transformers import AutoConfig, JambaConfig
 
 import hybrid_lm
 from hybrid_lm import HybridLMConfig
+from builders import tiny_model
 
 
 def test_period_offset_resolve_to_the_layer_plan():
@@ -104,3 +105,86 @@ def test_explicit_head_dim_lifts_the_divisibility_rule():
 
 def test_package_registers_the_auto_config():
     assert AutoConfig.for_model("hybrid_lm").__class__ is hybrid_lm.HybridLMConfig
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(attn_layer_perod=4), r"'attn_layer_perod' \(4\) is not a HybridLMConfig field; did you mean "
+                                   r"'attn_layer_period'\?"),
+        (dict(num_layers=12), r"'num_layers' \(12\) is not a HybridLMConfig field; did you mean 'num_hidden_layers'"),
+        (dict(tie_word_embeddings="no"), r"tie_word_embeddings \('no'\) must be True or False"),
+        (dict(use_rope=1), r"use_rope \(1\) must be True or False"),
+        (dict(pad_token_id=-1), r"pad_token_id \(-1\) must be None or an id in the vocabulary, 0\.\.65535"),
+        (dict(vocab_size=100, pad_token_id=100), r"pad_token_id \(100\) must be None or an id in the vocabulary, "
+                                                 r"0\.\.99 \(vocab_size 100\)"),
+        (dict(vocab_size=100, eos_token_id=[2, 150]), r"eos_token_id \(\[2, 150\]\) must be None or an id"),
+        (dict(vocab_size=100, bos_token_id=100), r"bos_token_id \(100\)"),
+        (dict(initializer_range=-0.02), r"initializer_range \(-0\.02\) must be a number >= 0"),
+        (dict(attention_dropout=1.0), r"attention_dropout \(1\.0\) is a probability: use 0 <= p < 1"),
+        (dict(attention_dropout=-0.1), r"attention_dropout \(-0\.1\) is a probability"),
+        (dict(use_rope=True, rope_parameters={"rope_type": "bogus", "rope_theta": 1e4}),
+         r"rope_parameters\['rope_type'\] \('bogus'\) is unknown; use one of \['default', 'linear'"),
+        (dict(num_hidden_layers=2, layers_block_type="attention"),
+         r"layers_block_type \('attention'\) must be a list with one entry per layer"),
+        (dict(num_hidden_layers=2, layers_num_experts="11"), r"layers_num_experts \('11'\) must be a list"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        HybridLMConfig(**fields)
+
+
+def test_a_typo_in_config_json_is_refused_on_load(tmp_path):
+    HybridLMConfig(num_hidden_layers=4).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "attn_layer_perod": 2}))
+    with pytest.raises(ValueError, match="'attn_layer_perod' .* did you mean 'attn_layer_period'"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_keys_transformers_itself_passes_are_accepted(tmp_path):
+    config = HybridLMConfig(num_hidden_layers=4, vocab_size=100, eos_token_id=[2, 3], pad_token_id=None,
+                            torch_dtype="float32", name_or_path="x", attn_implementation="eager", num_labels=3,
+                            tokenizer_class="HybridLMTokenizer", transformers_version="5.17.0",
+                            architectures=["HybridLMForCausalLM"], max_length=20, _commit_hash=None)
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    config.save_pretrained(tmp_path)
+    loaded, unused = AutoConfig.from_pretrained(tmp_path, return_unused_kwargs=True, dtype="auto",
+                                                output_attentions=False, not_a_field=1)
+    assert unused == {"not_a_field": 1}
+    assert loaded.eos_token_id == [2, 3] and loaded.num_labels == 3
+    assert loaded.quantization_config["load_in_8bit"] is True
+
+
+def test_a_saved_model_config_loads_back(tmp_path):
+    model = tiny_model()
+    model.config.use_cache = False
+    model.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.architectures == ["HybridLMForCausalLM"] and loaded.use_cache is False
+
+
+# ----------------------------------------------------------------------------- loading errors name the path
+
+
+def test_loading_errors_name_the_path_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); check the path"):
+        HybridLMConfig.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty is an empty folder: nothing to load"):
+        HybridLMConfig.from_pretrained(tmp_path / "empty")
+    HybridLMConfig(num_hidden_layers=4).save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    for content, message in [("", r"config\.json is empty; save it again"),
+                             ('{"vocab_size": 1', r"config\.json is not valid JSON \(.*; 16 bytes, truncated\?\)"),
+                             (json.dumps({k: v for k, v in saved.items() if k != "model_type"}),
+                              r"has no model_type; a hybrid_lm config says \"model_type\": \"hybrid_lm\""),
+                             (json.dumps({**saved, "model_type": "jamba"}),
+                              r"holds a 'jamba' checkpoint, not 'hybrid_lm'; .* python conversion/convert\.py")]:
+        (tmp_path / "ckpt" / "config.json").write_text(content)
+        with pytest.raises(ValueError, match=message):
+            HybridLMConfig.from_pretrained(tmp_path / "ckpt")

@@ -3,14 +3,21 @@ generations; hybrid_lm -> Jamba -> hybrid_lm is exact; what a format cannot expr
 
 import json
 import math
+import os
+import re
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    AutoTokenizer,
     JambaConfig,
     JambaForCausalLM,
     LlamaConfig,
@@ -26,7 +33,8 @@ from builders import LAYOUTS, run_without_package, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "conversion"))
-from convert import ConversionError, ConversionWarning, convert  # noqa: E402
+import convert as convert_module  # noqa: E402
+from convert import ConversionError, ConversionWarning, convert, shard_size  # noqa: E402
 
 VOCAB = 101
 
@@ -379,7 +387,7 @@ def run_cli(*args):
 def test_command_line_converts_verifies_and_loads_remotely(tmp_path):
     src = jamba_folder(tmp_path / "jamba")
     (src / "tokenizer_config.json").write_text("{}")
-    result = run_cli(src, tmp_path / "out", "--max-shard-size", "40000")
+    result = run_cli(src, tmp_path / "out", "--max-shard-size", "40KB")  # as transformers reads it: 40000 bytes
     assert result.returncode == 0, result.stderr
     assert "max |logit difference|" in result.stdout
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -404,7 +412,7 @@ def test_command_line_errors_exit_2_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_bad_input_is_refused_and_leaves_nothing_behind(tmp_path):
+def test_bad_input_is_refused_and_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="does not exist"):
         convert(tmp_path / "nowhere", tmp_path / "a")
     src = jamba_folder(tmp_path / "jamba")
@@ -428,8 +436,10 @@ def test_bad_input_is_refused_and_leaves_nothing_behind(tmp_path):
     with pytest.raises(ConversionError, match="unsupported model_type 'bert'"):
         convert(tmp_path / "bert", tmp_path / "b")
 
-    with pytest.raises(ConversionError, match="disagrees with the source"):  # fails after writing everything
-        convert(src, tmp_path / "c", tolerance=-1.0)
+    with monkeypatch.context() as patch:  # fails after writing everything
+        patch.setattr(convert_module, "verify_conversion", lambda *args: 1.0)
+        with pytest.raises(ConversionError, match="disagrees with the source"):
+            convert(src, tmp_path / "c")
     edit_config(src, mamba_d_state=4)
     with pytest.raises(ConversionError, match=r"has shape .* but config.json implies"):
         convert(src, tmp_path / "c", verify=False)
@@ -458,3 +468,108 @@ def test_missing_shard_and_unknown_tensor_are_refused(tmp_path):
     with pytest.raises(ConversionError, match=f"lists shards that are missing: \\['{shards[-1].name}'\\]"):
         convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+# ----------------------------------------------------------------------------- at the edges
+
+
+def staging_folders(parent: Path) -> list[str]:
+    return sorted(path.name for path in parent.iterdir() if ".converting-" in path.name)
+
+
+def start_slow_conversion(src: Path, dst: Path) -> subprocess.Popen:
+    """convert.py as a process that blocks in verification, once its work folder is full; returns when it is."""
+    code = (f"import sys, time; sys.argv = ['convert.py', {str(src)!r}, {str(dst)!r}]; "
+            f"sys.path.insert(0, {str(ROOT / 'conversion')!r}); import runpy, convert; "
+            "convert.verify_conversion = lambda *a: time.sleep(60); "
+            "runpy.run_path(convert.__file__, run_name='__main__', init_globals={'verify_conversion': "
+            "convert.verify_conversion})")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):
+        folders = [dst.parent / name for name in staging_folders(dst.parent)]
+        if folders and (folders[0] / "config.json").exists():
+            return process
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"the conversion never reached verification: {process.communicate()}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, signum):
+    src = jamba_folder(tmp_path / "jamba", layers=2)
+    process = start_slow_conversion(src, tmp_path / "out")
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted; " in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jamba"]
+
+
+def test_the_next_run_removes_what_a_killed_one_left(tmp_path, capsys):
+    src = jamba_folder(tmp_path / "jamba", layers=2)
+    process = start_slow_conversion(src, tmp_path / "out")
+    process.kill()
+    process.wait()
+    (left,) = staging_folders(tmp_path)
+    convert(src, tmp_path / "out", verify=False)
+    assert f"removed {tmp_path / left}, left behind by an interrupted earlier conversion" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jamba", "out"]
+
+
+def test_destination_problems_and_a_truncated_shard_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
+    src = jamba_folder(tmp_path / "jamba", layers=2)
+    (tmp_path / "a_file").write_text("x")
+    capsys.readouterr()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked"))
+
+    cases = [((tmp_path / "a_file" / "out",), "destination .*a_file/out is below .*a_file, which is a file; choose a "
+                                              "folder path"),
+             ((tmp_path / "locked" / "out",), "cannot create .*locked/out \\(Permission denied: .*locked\\); choose a "
+                                              "writable destination"),
+             ((tmp_path / "out", "--tolerance", "nan"), "--tolerance must be a number >= 0 .* got nan"),
+             ((tmp_path / "out", "--tolerance", "-1"), "--tolerance must be a number >= 0 .* got -1.0")]
+    for args, message in cases:
+        with monkeypatch.context() as patch:
+            if "locked" in str(args[0]):
+                patch.setattr(convert_module.tempfile, "mkdtemp", refuse)
+            assert convert_module.main([str(src), *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"error: {message}\n", err), err
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert convert_module.main([str(src), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: {weights} is truncated or damaged (Error while deserializing header: "
+                                       "incomplete metadata, file not fully covered); download or copy it again\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "jamba", "locked"]
+    assert not any((tmp_path / "locked").iterdir())
+
+
+def test_max_shard_size_reads_units_as_transformers_does(capsys):
+    assert shard_size("2GB") == 2 * 10**9 and shard_size("1GiB") == 2**30 and shard_size("40000") == 40000
+    with pytest.raises(SystemExit):
+        convert_module.main(["a", "b", "--max-shard-size", "lots"])
+    assert "'lots' is not a size; give bytes or e.g. 2GB" in capsys.readouterr().err
+
+
+def test_output_permissions_follow_the_umask_and_the_source_tokenizer_stays_itself(tmp_path):
+    src = jamba_folder(tmp_path / "jamba", layers=2)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["hello world 2024"] * 50, trainer=trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.save(str(src / "tokenizer.json"))  # no tokenizer_config.json: AutoTokenizer would go by model_type
+    (src / "tokenizer.json").chmod(0o600)
+    source_ids = backend.encode("hello world 2024").ids
+    old = os.umask(0o022)
+    try:
+        convert(src, tmp_path / "out", verify=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+    settings = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert settings["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("hello world 2024")["input_ids"] == source_ids

@@ -34,3 +34,39 @@ def test_shortened_quickstart_then_lora_finetune(tmp_path):
     assert (tmp_path / "ft" / "merged" / "model.safetensors").exists()
     run("finetune.py", "--model", model_dir, "--data", data, "--output-dir", tmp_path / "ft", "--lora",
         "--max-steps", 4, "--batch-size", 4, "--save-steps", 2, "--resume", cwd=tmp_path)
+
+
+def test_quickstart_refuses_zero_steps_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--max-steps", "0",
+                             "--output-dir", str(tmp_path / "qs")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "argument --max-steps: 0 is too small; give at least 1" in result.stderr
+    assert not (tmp_path / "qs").exists()
+
+
+def test_lora_adapter_names_an_absolute_base_and_trains_again_from_its_folder(tmp_path):
+    from builders import tiny_model
+
+    import hybrid_lm
+
+    tokenizer = hybrid_lm.train_tokenizer(iter(["def f(x):\n    return x * 2 + 14\n"] * 50), vocab_size=300,
+                                          show_progress=False)
+    (tmp_path / "work").mkdir()
+    model = tiny_model(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "work" / "base")
+    tokenizer.save_pretrained(tmp_path / "work" / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}"}) for i in range(20)))
+    common = ("--data", data, "--max-steps", 1, "--batch-size", 4, "--lora")
+    run("finetune.py", "--model", "base", "--output-dir", "ft", *common, cwd=tmp_path / "work")  # a relative path
+    adapter = tmp_path / "work" / "ft" / "final"
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tmp_path / "work" / "base")
+
+    run("finetune.py", "--model", adapter, "--output-dir", tmp_path / "ft2", *common, cwd=tmp_path)
+    assert (tmp_path / "ft2" / "final" / "adapter_config.json").exists()
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune.py"), "--model", str(adapter),
+                             "--data", str(data), "--output-dir", str(tmp_path / "ft3")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"{adapter} is a LoRA adapter of {base}: pass --lora to keep training it" in result.stderr

@@ -94,3 +94,9 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_model_card(hub, tmp_path):
     )
     assert float(out.split("DIFF")[1].split()[0]) == 0.0
     assert "HybridLMTokenizer" in out
+
+
+def test_model_card_does_not_point_at_a_package_pypi_lacks():
+    card = str(hybrid_lm.hub_hybrid_lm.model_card(tiny_model(), "user/tiny", None))
+    assert "pip install hybrid-lm" not in card
+    assert "installed from its source (`pip install -e .` in a checkout; it is not on PyPI)" in card

@@ -37,7 +37,8 @@ def test_auto_on_cpu_is_torch():
 
 @pytest.mark.skipif(mamba_ops._load("cuda") is not None, reason="mamba-ssm is installed here")
 def test_missing_cuda_backend_says_how_to_install():
-    with pytest.raises(ImportError, match=r"pip install hybrid-lm\[cuda\]"):
+    with pytest.raises(ImportError, match=r"pip install '(mamba-ssm>=2\.2|causal-conv1d>=1\.4)' \(or pip install -e "
+                                          r"'\.\[cuda\]' in a hybrid_lm checkout; hybrid-lm is not on PyPI\)"):
         mamba_ops.resolve_backend("cuda", torch.device("cpu"))
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import hybrid_lm
 import hybrid_lm.tokenization_hybrid_lm as tokenization
@@ -249,7 +249,7 @@ def test_non_utf8_file_names_file_line_and_byte(tmp_path, monkeypatch, block_byt
     truncated.write_bytes("ok\n€".encode()[:-1])
     with pytest.raises(ValueError, match=r"not valid UTF-8 \(line 2, byte 3\)"):
         train_tokenizer(truncated, vocab_size=300, show_progress=False)
-    replaced = train_tokenizer([path], vocab_size=300, show_progress=False, encoding_errors="replace")
+    replaced = train_tokenizer([path], vocab_size=300, show_progress=False, encoding_errors="replace", min_frequency=1)
     assert replaced.decode(replaced.encode("caf\ufffd"), skip_special_tokens=True) == "caf\ufffd"
 
 
@@ -543,3 +543,88 @@ def test_cli_failure_while_saving_leaves_nothing(corpus_file, tmp_path, capsys, 
     assert "No space left on device" in err and "Traceback" not in err
     assert not output.exists()
     assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- a tokenizer is the one saved, or none
+
+
+def foreign_tokenizer_json(path: Path) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE (no digit split) saved as `path`/tokenizer.json alone; returns it loaded as-is."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>"], show_progress=False)
+    backend.train_from_iterator(["hello world 2024 the world 2024 hello"] * 100, trainer=trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    backend.save(str(path / "tokenizer.json"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_a_folder_without_tokenizer_json_is_refused_not_byte_only(tmp_path):
+    HybridLMConfig(vocab_size=300, num_hidden_layers=2).save_pretrained(tmp_path)
+    with pytest.raises(OSError, match=r"has no tokenizer\.json, so it holds no trained HybridLMTokenizer"):
+        AutoTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("settings", [None, {"model_max_length": 100}], ids=["only-tokenizer.json", "no-class"])
+def test_another_models_tokenizer_json_is_refused(tmp_path, settings):
+    source = foreign_tokenizer_json(tmp_path)
+    HybridLMConfig(vocab_size=400, num_hidden_layers=2).save_pretrained(tmp_path)
+    if settings is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"tokenizer\.json was not saved by HybridLMTokenizer \(its pre-tokenizer is "
+                                         r"ByteLevel, not Digits \+ ByteLevel\).*\"tokenizer_class\""):
+        AutoTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    ids = AutoTokenizer.from_pretrained(tmp_path)("hello world 2024")["input_ids"]
+    assert ids == source("hello world 2024")["input_ids"] and len(ids) == 3  # the fix the message names works
+
+
+@pytest.mark.parametrize("content, state", [(b"", "is empty"), (b'{"version": "1.0", "trunc', "is not valid JSON")])
+def test_a_damaged_tokenizer_json_is_named(tokenizer, tmp_path, content, state):
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tokenizer.json")) + " " + state):
+        AutoTokenizer.from_pretrained(tmp_path)
+
+
+def test_missing_and_empty_folders_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); check the path"):
+        HybridLMTokenizer.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty is an empty folder: nothing to load"):
+        HybridLMTokenizer.from_pretrained(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- the trainer says what it gave
+
+
+def test_an_empty_corpus_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"the corpus gave no merges \(it is empty"):
+        train_tokenizer(iter([]), vocab_size=300, show_progress=False)
+    (tmp_path / "empty.txt").write_text("")
+    assert cli("--input", tmp_path / "empty.txt", "--vocab-size", 300, output=tmp_path / "out") == 2
+    assert "the corpus gave no merges" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_vocabulary_smaller_than_asked_is_said(corpus_file, tmp_path, capsys, caplog):
+    with caplog.at_level("WARNING"):
+        small = train_tokenizer(iter(["abc abd abe"] * 10), vocab_size=10_000, show_progress=False)
+    assert f"trained {len(small)} tokens, not the 10000 asked for" in caplog.text
+    assert f"vocab_size to len(tokenizer) = {len(small)}" in caplog.text
+    assert cli("--input", corpus_file, "--vocab-size", 10_000_000, output=tmp_path / "out") == 0
+    assert "(not the 10000000 asked for: the corpus ran out of pairs)" in capsys.readouterr().out
+
+
+def test_a_device_that_never_ends_is_refused(tmp_path, capsys):
+    assert cli("--input", "/dev/zero", "--vocab-size", 300, output=tmp_path / "out") == 2
+    assert "'/dev/zero' is not a regular file (a device, pipe or socket)" in capsys.readouterr().err
+    with pytest.raises(OSError, match="is not a regular file"):
+        train_tokenizer("/dev/zero", vocab_size=300, show_progress=False)
+
+
+def test_cli_prints_its_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"hybrid-lm {hybrid_lm.__version__}\n"
