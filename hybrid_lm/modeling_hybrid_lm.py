@@ -610,7 +610,8 @@ class HybridLMModel(HybridLMPreTrainedModel):
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)
+                position_ids = position_ids.expand(batch, -1)
         # packed documents, for the Mamba layers and (transformers looks for them only without a cache) the masks
         if seq_idx is None and attention_mask is None and length > 1:
             seq_idx = find_packed_sequence_indices(position_ids)

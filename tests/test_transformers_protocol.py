@@ -196,3 +196,12 @@ def test_a_backbone_tensor_the_config_has_no_place_for_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"layers\.3\..*config has no such tensor"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
+
+
+def test_torch_export_of_a_forward_without_cache():
+    """(With a cache, transformers' export support flattens key/value layers only, not linear-attention ones.)"""
+    model = tiny_model()
+    ids = prompt()
+    exported = torch.export.export(model, (), kwargs={"input_ids": ids, "use_cache": False})
+    torch.testing.assert_close(exported.module()(input_ids=ids, use_cache=False).logits,
+                               model(ids, use_cache=False).logits)
