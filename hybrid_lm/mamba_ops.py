@@ -117,7 +117,9 @@ def _passes_self_check(backend: str, device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return True
     try:
-        _self_check(backend, device)
+        # the check runs backward passes: it must work when the first call comes from generate() (no_grad) too
+        with torch.inference_mode(False), torch.enable_grad():
+            _self_check(backend, device)
     except Exception as error:  # any failure of a fast tier means: use the next one
         _announce(f"hybrid_lm: the '{backend}' Mamba kernels failed their self-check on {device} and are "
                   f"not used: {error}", warning=True)

@@ -61,6 +61,14 @@ def test_triton_self_check_passes():
     mamba_ops._self_check("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_self_check_passes_when_the_first_call_comes_from_generate(context):
+    """generate() runs under no_grad: the self-check (which runs backward passes) must still pass there,
+    or every generation would silently fall back to the slow tier."""
+    with context():
+        assert mamba_ops._passes_self_check("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 @pytest.mark.parametrize("name", ["mamba_ops.py", "triton_ssm.py", "triton_conv.py", "cuda_ops.py", "custom_ops.py"])
 def test_optional_imports_are_invisible_to_remote_code_checks(name):
     """transformers refuses a checkpoint whose code imports an uninstalled package outside try blocks."""

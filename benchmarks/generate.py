@@ -1,0 +1,179 @@
+"""Greedy generation speed on a GPU, side by side in one run: hybrid_lm (dynamic cache, eager; static cache, which
+transformers' generate compiles with CUDA graphs), transformers' JambaForCausalLM on the same weights (with the
+mamba-ssm / causal-conv1d kernels when they import), and mamba-ssm's `MambaLMHeadModel.generate(cg=True)` on a dense
+hybrid beside hybrid_lm's same dense model (`num_experts=1`).
+
+    python benchmarks/generate.py [--engines ...] [--batch 1 16] [--prompt 128] [--new 256] [--config bench|dense]
+
+Per engine, batch and prompt length: time to first token (a generate of one new token), ms per decode step
+((time for `--new` tokens - time to first token) / (new - 1)), tokens/s (batch x new / total time), peak memory,
+and the bandwidth floor of a decode step (the bytes of the weights one token reads / the copy bandwidth measured
+here). The greedy tokens of every hybrid_lm path are compared with the eager dynamic path.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conversion"))
+
+from hybrid_lm import HybridLMConfig, HybridLMForCausalLM  # noqa: E402
+from hybrid_lm.hub_hybrid_lm import parameter_counts  # noqa: E402
+from hybrid_lm.transformers_compat import CACHE_NAME  # noqa: E402
+
+CONFIGS = {
+    # the 426M bench config of the issues: a:m 1:7, MoE every 2nd layer
+    "bench": dict(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, attn_layer_period=8,
+        attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
+        num_attention_heads=16, num_key_value_heads=4, mamba_d_state=16,
+    ),
+    # mamba-ssm's dense hybrid: the same stack with one MLP per layer
+    "dense": dict(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, attn_layer_period=8,
+        attn_layer_offset=4, num_experts=1, num_experts_per_tok=1, num_attention_heads=16, num_key_value_heads=4,
+        mamba_d_state=16,
+    ),
+}
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    seconds = min(timed(lambda: y.copy_(x)) for _ in range(5))
+    return 2 * x.numel() * 4 / seconds
+
+
+def measure(name, generate, batch, prompt_len, new, reference=None):
+    """generate(input_ids, max_new_tokens) -> (B, prompt + new) ids."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 32000, (batch, prompt_len), device="cuda")
+    generate(ids, new)  # warm-up: kernels, compilation and graph capture
+    generate(ids, 1)
+    torch.cuda.reset_peak_memory_stats()
+    first = min(timed(lambda: generate(ids, 1)) for _ in range(2))
+    out = None
+
+    def run():
+        nonlocal out
+        out = generate(ids, new)
+
+    total = min(timed(run) for _ in range(2))
+    step = (total - first) / (new - 1)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    same = "" if reference is None else ("  same tokens" if torch.equal(out, reference) else
+                                         f"  {(out != reference).sum().item()} tokens differ")
+    print(f"{name:>28} bs {batch:>3} prompt {prompt_len:>5}: TTFT {first * 1e3:8.1f} ms  {step * 1e3:7.2f} ms/step  "
+          f"{batch * new / total:9.0f} tok/s  peak {peak:5.1f} GiB{same}", flush=True)
+    return out
+
+
+def hybrid_generate(model, static_length=None):
+    """Greedy generate; with `static_length`, from one transformers StaticCache of that length, reset before each
+    call (one cache shape, so transformers' compiled decode step and its CUDA graphs are captured once)."""
+    cache = None
+    if static_length is not None:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=static_length)
+
+    def generate(ids, new):
+        kwargs = {}
+        if cache is not None:
+            cache.reset()
+            kwargs[CACHE_NAME] = cache
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, **kwargs)
+    return generate
+
+
+def jamba_model(model):
+    from convert import convert
+    from transformers import JambaForCausalLM
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(f"{folder}/hybrid")
+        convert(f"{folder}/hybrid", f"{folder}/jamba", target_format="jamba", verify=False)
+        return JambaForCausalLM.from_pretrained(f"{folder}/jamba", dtype=torch.bfloat16).cuda().eval()
+
+
+def mamba_ssm_model(config):
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    attention_layers = [i for i, kind in enumerate(config.layers_block_type) if kind == "attention"]
+    mamba_config = MambaConfig(
+        d_model=config.hidden_size, n_layer=config.num_hidden_layers, d_intermediate=config.intermediate_size,
+        vocab_size=config.vocab_size, ssm_cfg={"layer": "Mamba1", "d_state": config.mamba_d_state},
+        attn_layer_idx=attention_layers,
+        attn_cfg={"num_heads": config.num_attention_heads, "num_heads_kv": config.num_key_value_heads},
+        rms_norm=True, residual_in_fp32=True, fused_add_norm=False, pad_vocab_size_multiple=8,
+    )
+    return MambaLMHeadModel(mamba_config, device="cuda", dtype=torch.bfloat16).eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=CONFIGS, default="bench")
+    parser.add_argument("--engines", nargs="+", default=["eager", "static", "jamba", "mamba_ssm"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt", type=int, nargs="+", default=[128])
+    parser.add_argument("--new", type=int, default=256)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+
+    torch.manual_seed(0)
+    model = HybridLMForCausalLM(HybridLMConfig(**CONFIGS[args.config])).to("cuda", torch.bfloat16).eval()
+    total, active = parameter_counts(model)
+    floor = 2 * active / copy_bandwidth()  # bf16 weights a token reads, at the copy bandwidth
+    print(model.config.layer_plan().splitlines()[0])
+    print(f"{total / 1e6:.0f}M parameters, {active / 1e6:.0f}M active per token; {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}; decode floor (active bf16 weights / copy bandwidth) {floor * 1e3:.3f} ms/step")
+    for prompt_len in args.prompt:
+        engines = {
+            "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model)),
+            "static": lambda: ("hybrid_lm static (graphs)", hybrid_generate(model, prompt_len + args.new)),
+            "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model))),
+            "mamba_ssm": lambda: ("mamba-ssm cg=True (dense)", mamba_ssm_generate(model.config)),
+        }
+        for batch in args.batch:
+            reference = None
+            for engine in args.engines:
+                try:
+                    name, generate = engines[engine]()
+                    out = measure(name, generate, batch, prompt_len, args.new,
+                                  reference if engine == "static" else None)
+                    if engine == "eager":
+                        reference = out
+                except Exception as error:  # report the engine that could not run, and go on with the others
+                    print(f"{engine:>28} bs {batch:>3} prompt {prompt_len:>5}: failed: {type(error).__name__}: "
+                          f"{str(error)[:300]}", flush=True)
+                torch.cuda.empty_cache()
+
+
+def mamba_ssm_generate(config):
+    model = mamba_ssm_model(config)
+
+    def generate(ids, new):
+        return model.generate(ids, max_length=ids.shape[1] + new, cg=True, top_k=1, eos_token_id=None)
+    return generate
+
+
+if __name__ == "__main__":
+    main()
