@@ -134,6 +134,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt", type=int, nargs="+", default=[128])
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the decode steps of the static path at the first batch size and print where the time goes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -145,6 +147,8 @@ def main():
     print(model.config.layer_plan().splitlines()[0])
     print(f"{total / 1e6:.0f}M parameters, {active / 1e6:.0f}M active per token; {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}; decode floor (active bf16 weights / copy bandwidth) {floor * 1e3:.3f} ms/step")
+    if args.profile:
+        profile_static(model, args.batch[0], args.prompt[0], args.new)
     for prompt_len in args.prompt:
         engines = {
             "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model)),
@@ -165,6 +169,20 @@ def main():
                     print(f"{engine:>28} bs {batch:>3} prompt {prompt_len:>5}: failed: {type(error).__name__}: "
                           f"{str(error)[:300]}", flush=True)
                 torch.cuda.empty_cache()
+
+
+def profile_static(model, batch, prompt_len, new):
+    """torch.profiler over one generate of the static (compiled, CUDA-graph) path, after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generate = hybrid_generate(model, prompt_len + new)
+    ids = torch.randint(3, 32000, (batch, prompt_len), device="cuda")
+    generate(ids, new)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(ids, new)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 def mamba_ssm_generate(config):

@@ -185,3 +185,16 @@ def test_stop_strings_end_generation_where_the_text_appears():
     first = next(i for i in range(len(pieces)) if stop in "".join(pieces[: i + 1]))
     stopped = greedy(model, input_ids, n=25, stop_strings=[stop], tokenizer=tokenizer)[0, input_ids.shape[1]:]
     torch.testing.assert_close(stopped, free[: first + 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_cache_graph_path_gives_the_eager_tokens_on_the_gpu():
+    """cache_implementation="static" on CUDA: transformers compiles the decode step (CUDA graphs); in float32 it
+    gives the eager dynamic path's greedy tokens for 64 steps, across batch sizes (a re-capture each)."""
+    model = tiny_model(**NO_EOS).cuda()
+    for batch in (1, 3, 16):
+        input_ids = prompt(batch=batch, length=9).cuda()
+        eager = greedy(model, input_ids, n=64)
+        static = greedy(model, input_ids, n=64, cache_implementation="static")
+        torch.testing.assert_close(static, eager, msg=f"batch {batch}")
