@@ -54,16 +54,17 @@ def test_generate_hands_the_model_only_what_it_takes(mode):
     calls = record_forward_calls(model)
     torch.manual_seed(0)
     model.generate(prompt(), attention_mask=torch.ones(2, 7, dtype=torch.long), max_new_tokens=4, **GENERATE_MODES[mode])
-    parameters = set(inspect.signature(type(model).forward).parameters) - {"self", "kwargs"}
+    # the forward's own parameters, transformers' model kwargs, and the cache under this release's name
+    parameters = set(inspect.signature(type(model).forward).parameters) - {"self", "kwargs"} | {CACHE_NAME}
     for kwargs, output in calls:
         unknown = set(kwargs) - parameters - _MODEL_KWARGS
         assert not unknown, (
             f"{RELEASE}: generate() now passes {sorted(unknown)} to the model's forward, which hybrid_lm does not "
             "take; a renamed or new input (add it to the forward or to transformers_compat.py)"
         )
-        assert isinstance(kwargs.get("cache"), Cache), (
-            f"{RELEASE}: generate() passed no Cache under the argument name 'cache' (got {sorted(kwargs)}); the cache "
-            "argument was renamed again: update transformers_compat.CACHE_NAME"
+        assert isinstance(kwargs.get(CACHE_NAME), Cache), (
+            f"{RELEASE}: generate() passed no Cache under the argument name '{CACHE_NAME}' (got {sorted(kwargs)}); "
+            "the cache argument was renamed again: update transformers_compat.CACHE_NAME"
         )
         assert isinstance(getattr(output, CACHE_NAME, None), Cache), (
             f"{RELEASE}: the model's output has no Cache in '{CACHE_NAME}', the field generate() reads back"
