@@ -599,18 +599,24 @@ class HybridLMModel(HybridLMPreTrainedModel):
             use_cache = config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
-        past_length = self._check_cache(cache)
-        inputs_embeds = self._embed(input_ids, inputs_embeds, past_length)
+        # The entry checks run once per forward, outside compiled code, and not in a decode step (one token after
+        # a prefill, its id from the model's own logits): there they would cost host syncs.
+        checking = not torch.compiler.is_compiling()
+        decoding = cache is not None and _cache_holds_a_prefix(cache, config) and _length(input_ids, inputs_embeds) == 1
+        if checking:
+            self._check_cache(cache)
+        inputs_embeds = self._embed(input_ids, inputs_embeds, check_ids=checking and not decoding)
         batch, length, _ = inputs_embeds.shape
-        if not (past_length > 0 and length == 1):  # a decode step skips the checks: no host syncs there
-            _check_attention_mask(attention_mask, batch, past_length + length)
+        past_length = cache.get_seq_length() if cache is not None else 0  # a 0-dim tensor for static caches
+        if checking and not decoding:
+            _check_attention_mask(attention_mask, batch, int(past_length) + length)
             position_ids = _check_positions(position_ids, batch, length)
             seq_idx = _check_seq_idx(seq_idx, batch, length)
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)
+                position_ids = torch.arange(length, device=inputs_embeds.device) + past_length
                 position_ids = position_ids.expand(batch, -1)
         # packed documents, for the Mamba layers and (transformers looks for them only without a cache) the masks
         if seq_idx is None and attention_mask is None and length > 1:
@@ -645,7 +651,7 @@ class HybridLMModel(HybridLMPreTrainedModel):
     def _masks(self, inputs_embeds, attention_mask, cache, position_ids, seq_idx, past_length) -> dict:
         """One mask per layer type in `config.layer_types`, from transformers' masking utilities."""
         config = self.config
-        documents = _same_document(seq_idx, past_length) if seq_idx is not None else None
+        documents = _same_document(seq_idx, int(past_length)) if seq_idx is not None else None
         # With our document function, transformers must not also find the documents in position_ids: the two
         # combined give wrong masks (seen on 5.24: the last query of a packed row loses its own document).
         if documents is not None:
@@ -664,7 +670,7 @@ class HybridLMModel(HybridLMPreTrainedModel):
         return masks
 
     # ------------------------------------------------------------------ the entry checks (once per forward)
-    def _embed(self, input_ids, inputs_embeds, past_length: int) -> torch.Tensor:
+    def _embed(self, input_ids, inputs_embeds, check_ids: bool) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is not None:
@@ -679,9 +685,8 @@ class HybridLMModel(HybridLMPreTrainedModel):
                 raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
                 raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-            # one device sync, and none in a decode step (its token comes from the model's own logits)
-            decoding = past_length > 0 and input_ids.shape[1] == 1
-            if input_ids.numel() and not decoding and not torch.compiler.is_compiling():
+            if check_ids and input_ids.numel():  # one device sync
+
                 low, high = torch.stack(torch.aminmax(input_ids)).tolist()
                 if low < 0 or high >= self.config.vocab_size:
                     bad = high if high >= self.config.vocab_size else low
@@ -694,10 +699,10 @@ class HybridLMModel(HybridLMPreTrainedModel):
             raise ValueError("the input has no tokens (sequence length 0); pass at least one token per row")
         return embeds
 
-    def _check_cache(self, cache) -> int:
-        """Checks that `cache` was built for this layer plan; returns the number of tokens it has seen."""
+    def _check_cache(self, cache) -> None:
+        """Checks that `cache` was built for this layer plan."""
         if cache is None:
-            return 0
+            return
         if not isinstance(cache, Cache):
             raise TypeError(
                 f"the cache must be a transformers Cache (DynamicCache(config=model.config)), got {type(cache).__name__}"
@@ -709,7 +714,19 @@ class HybridLMModel(HybridLMPreTrainedModel):
                 f"are {list(self.config.layers_block_type)}; pass DynamicCache(config=model.config), the cache this "
                 "model returned, or none"
             )
-        return cache.get_seq_length()
+
+
+def _length(input_ids, inputs_embeds) -> int:
+    return (input_ids if input_ids is not None else inputs_embeds).shape[1]
+
+
+def _cache_holds_a_prefix(cache, config: HybridLMConfig) -> bool:
+    """From the cache layers' own flags, with no device sync (a static cache counts its tokens on the device)."""
+    if not isinstance(cache, Cache) or len(cache.layers) != config.num_hidden_layers:
+        return False  # not a cache of this model: the entry check says so
+    if "mamba" in config.layers_block_type:
+        return cache.has_previous_state(config.layers_block_type.index("mamba"))
+    return cache.is_initialized
 
 
 def _report_unused_kwargs(kwargs: dict) -> None:
