@@ -187,6 +187,30 @@ def test_stop_strings_end_generation_where_the_text_appears():
     torch.testing.assert_close(stopped, free[: first + 1])
 
 
+STATIC_MODES = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(num_beams=3, num_return_sequences=2, do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20, temperature=0.9),
+}
+
+
+@pytest.mark.parametrize("mode", STATIC_MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_static_cache_gives_the_dynamic_cache_tokens(layout, mode):
+    """transformers' StaticCache (cache_implementation="static"): same tokens as the dynamic cache, left-padded
+    batch included."""
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    input_ids = prompt(batch=3, length=8)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # row 0 is left-padded
+    runs = []
+    for cache in (None, "static"):
+        torch.manual_seed(7)
+        runs.append(model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8,
+                                   cache_implementation=cache, **STATIC_MODES[mode]))
+    torch.testing.assert_close(runs[1], runs[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_static_cache_graph_path_gives_the_eager_tokens_on_the_gpu():
