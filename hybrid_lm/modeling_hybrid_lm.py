@@ -15,11 +15,13 @@ N = d_state, R = dt rank, E = experts, K = experts per token, nh / nkv = query /
 hd = head dim.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
@@ -151,6 +153,11 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return output, weights
 
 
+# SDPA backends for CUDA tensors, chosen explicitly: flash, then memory-efficient, then math. Not cuDNN's: it
+# builds a new execution plan for every new key length, which made each decode step ~47 ms on an H200 (issue 11).
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class HybridLMAttention(nn.Module):
     """Multi-head attention with grouped key/value heads, optional RoPE and sliding window.
 
@@ -194,17 +201,18 @@ class HybridLMAttention(nn.Module):
             key, value = cache.update(key, value, self.layer_idx)  # (B, nkv, S, hd)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        with sdpa_kernel(_SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():
+            output, weights = attention(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=self.config.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+                sliding_window=self.sliding_window,
+                **kwargs,
+            )
         return self.o_proj(output.reshape(batch, length, -1)), weights
 
 
