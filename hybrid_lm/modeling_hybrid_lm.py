@@ -621,7 +621,7 @@ class HybridLMModel(HybridLMPreTrainedModel):
             position_ids = _check_positions(position_ids, batch, length)
             seq_idx = _check_seq_idx(seq_idx, batch, length)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(length, device=inputs_embeds.device) + past_length
@@ -725,7 +725,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
 
 
 def _length(input_ids, inputs_embeds) -> int:
-    return (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    """New tokens of the call (0 without inputs: `_embed` says what is missing)."""
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    return inputs.shape[1] if inputs is not None and inputs.dim() >= 2 else 0
 
 
 def _cache_holds_a_prefix(cache, config: HybridLMConfig) -> bool:
