@@ -10,6 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_hybrid_lm import HybridLMConfig
+from .experts_ops import expert_offsets, grouped_linear
 
 
 class HybridLMMLP(nn.Module):
@@ -47,11 +48,17 @@ class HybridLMTopKRouter(nn.Module):
 class HybridLMSparseMoeBlock(nn.Module):
     """Mixture of SwiGLU experts with top-K routing and no token dropping.
 
-    Each expert is an `HybridLMMLP` (so adapters such as LoRA attach to every expert projection), and
-    runs once on the tokens routed to it. Under `torch.compile` the token counts per expert are unknown
-    while tracing, so there every expert runs on every token and the routing weights (zero for the
-    experts a token was not sent to) select the result: the same function, E/K times the expert FLOPs,
-    and no graph break.
+    Each expert is an `HybridLMMLP`: its nn.Linear modules are where the parameters live, so checkpoints keep
+    Jamba's per-expert keys (`experts.{e}.gate_proj.weight`), LoRA attaches to every expert projection and
+    bitsandbytes quantizes them. When every expert projection is a plain nn.Linear, the experts run as three
+    grouped matrix products over all experts (`experts_ops.grouped_mm`; gate and up in one product) on weights
+    stacked per forward, the same in eager and compiled mode, with no host sync where `torch._grouped_mm` has
+    its kernel. Differs from transformers' Jamba, which stores 3-D expert parameters (`gate_up_proj`,
+    `down_proj`) and converts the keys on load.
+
+    Experts wrapped by an adapter or a quantizer run module by module on the tokens routed to them (eager; the
+    per-expert counts are read on the host) or, under torch.compile, every expert on every token, the routing
+    weights (zero for unchosen experts) selecting the result.
     """
 
     def __init__(self, config: HybridLMConfig):
@@ -65,15 +72,60 @@ class HybridLMSparseMoeBlock(nn.Module):
         batch, length, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (T, H)
         _, top_k_weights, top_k_index = self.router(tokens)
-        if torch.compiler.is_compiling():
-            dense_weights = tokens.new_zeros(tokens.shape[0], self.num_experts).scatter(1, top_k_index, top_k_weights)
-            output = sum(expert(tokens) * dense_weights[:, e, None] for e, expert in enumerate(self.experts))
-            return output.reshape(batch, length, hidden)
+        if self.experts_are_grouped():
+            output = self._grouped_forward(tokens, top_k_weights, top_k_index)
+        elif torch.compiler.is_compiling():
+            output = self._dense_forward(tokens, top_k_weights, top_k_index)
+        else:
+            output = self._module_loop_forward(tokens, top_k_weights, top_k_index)
+        return output.reshape(batch, length, hidden)
+
+    def experts_are_grouped(self) -> bool:
+        """Whether the experts run as grouped products: every projection a plain nn.Linear (not a LoRA or
+        bitsandbytes layer, which are wrapped or subclassed) without an accelerate hook of its own."""
+        return all(
+            type(expert) is HybridLMMLP
+            and all(type(proj) is nn.Linear and not hasattr(proj, "_hf_hook")
+                    for proj in (expert.gate_proj, expert.up_proj, expert.down_proj))
+            for expert in self.experts
+        )
+
+    def _grouped_forward(self, tokens, top_k_weights, top_k_index):
+        num_tokens, top_k = top_k_index.shape
+        # 1. sort the (token, slot) pairs by expert; offsets per expert stay on the device
+        sorted_expert, order = torch.sort(top_k_index.reshape(-1), stable=True)  # (S,), S = T * K
+        offs = expert_offsets(sorted_expert, self.num_experts)  # (E,) int32
+        # 2. the weights stacked across experts, nn.Linear layout; gate and up concatenated per expert
+        experts = self.experts
+        gate_up_weight = torch.stack([w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)])
+        gate_up_weight = gate_up_weight.view(self.num_experts, -1, gate_up_weight.shape[-1])  # (E, 2I, H)
+        down_weight = torch.stack([e.down_proj.weight for e in experts])  # (E, H, I)
+        gate_up_bias = down_bias = None
+        if experts[0].gate_proj.bias is not None:
+            gate_up_bias = torch.stack([b for e in experts for b in (e.gate_proj.bias, e.up_proj.bias)])
+            gate_up_bias = gate_up_bias.view(self.num_experts, -1)  # (E, 2I)
+            down_bias = torch.stack([e.down_proj.bias for e in experts])  # (E, H)
+        # autocast does not reach torch._grouped_mm: cast to the dtype nn.Linear would compute in
+        device_type = tokens.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else down_weight.dtype
+        gate_up_weight, down_weight = gate_up_weight.to(dtype), down_weight.to(dtype)
+        if gate_up_bias is not None:
+            gate_up_bias, down_bias = gate_up_bias.to(dtype), down_bias.to(dtype)
+        # 3. gate/up product, SwiGLU, down product, all experts at once
+        routed = tokens.to(dtype)[order // top_k]  # (S, H)
+        gate, up = grouped_linear(routed, gate_up_weight, gate_up_bias, offs, sorted_expert).chunk(2, dim=-1)
+        expert_out = grouped_linear(experts[0].act_fn(gate) * up, down_weight, down_bias, offs, sorted_expert)
+        # 4. back to (token, slot) order, weighted sum over the K slots (deterministic, no atomics)
+        expert_out = torch.zeros_like(expert_out).index_copy(0, order, expert_out)  # (S, H)
+        output = (expert_out.view(num_tokens, top_k, -1) * top_k_weights[..., None].to(dtype)).sum(1)
+        return output.to(tokens.dtype)
+
+    def _module_loop_forward(self, tokens, top_k_weights, top_k_index):
         # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // top_k_index.shape[1]
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # host sync
         routed = tokens[token_of]
         weights = top_k_weights.reshape(-1)[order, None]
         output = torch.zeros_like(tokens)
@@ -83,7 +135,11 @@ class HybridLMSparseMoeBlock(nn.Module):
                 stop = start + count
                 output.index_add_(0, token_of[start:stop], expert(routed[start:stop]) * weights[start:stop])
                 start = stop
-        return output.reshape(batch, length, hidden)
+        return output
+
+    def _dense_forward(self, tokens, top_k_weights, top_k_index):
+        dense_weights = tokens.new_zeros(tokens.shape[0], self.num_experts).scatter(1, top_k_index, top_k_weights)
+        return sum(expert(tokens) * dense_weights[:, e, None] for e, expert in enumerate(self.experts))
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
