@@ -212,29 +212,54 @@ def test_no_host_read_in_the_grouped_path(monkeypatch):
 
 # ---- adapters ----
 
-def test_lora_reaches_every_expert_projection_and_falls_back():
+def lora_block(block, **lora_options):
+    lora = peft.get_peft_model(copy.deepcopy(block), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False,
+        **lora_options))
+    model = lora.base_model.model
+    wrapped = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, peft.tuners.lora.Linear)}
+    assert wrapped == {"gate_proj", "up_proj", "down_proj"}
+    return lora, model
+
+
+def module_loop(block, x):
+    """The block's experts called module by module (peft's own LoRA forward): the oracle for adapted experts."""
+    tokens = x.reshape(-1, x.shape[-1])
+    _, weights, index = block.router(tokens)
+    return block._module_loop_forward(tokens, weights, index).reshape(x.shape)
+
+
+def test_lora_runs_inside_the_grouped_products():
     block = make_block(num_experts=4)
     x = torch.randn(2, 5, 32)
     base = block(x).detach()
-    lora = peft.get_peft_model(copy.deepcopy(block), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False))
-    model = lora.base_model.model
-    assert not model.experts_are_grouped()
-    wrapped = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, peft.tuners.lora.Linear)}
-    assert wrapped == {"gate_proj", "up_proj", "down_proj"}
+    lora, model = lora_block(block)
+    assert model.experts_are_grouped()
     adapted = model(x)
-    assert not torch.allclose(adapted, base, atol=1e-4)
-    adapted.sum().backward()
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            assert param.grad is not None, name
-    # compiled: the module-by-module fallback, still correct
+    assert not torch.allclose(adapted, base, atol=1e-4)  # the adapters reach the experts
+    expected = module_loop(model, x)
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(adapted.sum(), [p for n, p in model.named_parameters() if "lora_" in n])
+    expected_grads = torch.autograd.grad(expected.sum(), [p for n, p in model.named_parameters() if "lora_" in n])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    # compiled: the same grouped path, no graph break
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), adapted, atol=1e-5, rtol=1e-5)
-    # merged adapters are plain nn.Linear again: grouped path, same function as the adapted module loop
+    torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+    # merged adapters are plain nn.Linear again
     merged = lora.merge_and_unload()
     assert merged.experts_are_grouped()
-    torch.testing.assert_close(merged(x), adapted.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged(x), expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_variants_fall_back_to_the_module_loop():
+    block = make_block(num_experts=4)
+    x = torch.randn(2, 5, 32)
+    _, model = lora_block(block, use_dora=True)
+    assert not model.experts_are_grouped()
+    expected = module_loop(model, x)
+    torch.testing.assert_close(model(x), expected)
+    # (peft's DoRA layer itself does not trace with fullgraph=True in peft 0.21)
 
 
 # ---- GPU ----
