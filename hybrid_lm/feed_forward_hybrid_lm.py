@@ -10,6 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_hybrid_lm import HybridLMConfig
+from .experts_ops import expert_offsets, grouped_linear
 
 
 class HybridLMMLP(nn.Module):
@@ -47,11 +48,18 @@ class HybridLMTopKRouter(nn.Module):
 class HybridLMSparseMoeBlock(nn.Module):
     """Mixture of SwiGLU experts with top-K routing and no token dropping.
 
-    Each expert is an `HybridLMMLP` (so adapters such as LoRA attach to every expert projection), and
-    runs once on the tokens routed to it. Under `torch.compile` the token counts per expert are unknown
-    while tracing, so there every expert runs on every token and the routing weights (zero for the
-    experts a token was not sent to) select the result: the same function, E/K times the expert FLOPs,
-    and no graph break.
+    Each expert is an `HybridLMMLP`: its nn.Linear modules are where the parameters live, so checkpoints keep
+    Jamba's per-expert keys (`experts.{e}.gate_proj.weight`), LoRA attaches to every expert projection and
+    bitsandbytes quantizes them. When every expert projection is a plain nn.Linear, or a plain peft LoRA layer
+    over one, the experts run as grouped matrix products over all experts (`experts_ops.grouped_mm`; gate and up
+    in one product, each LoRA adapter as two more) on weights stacked per forward, the same in eager and compiled
+    mode, with no host sync where `torch._grouped_mm` has its kernel. Differs from transformers' Jamba, which
+    stores 3-D expert parameters (`gate_up_proj`, `down_proj`) and converts the keys on load.
+
+    Other experts (bitsandbytes layers, DoRA or other LoRA variants, merged or disabled adapters, accelerate
+    hooks on a projection) run module by module on the tokens routed to them (eager; the per-expert counts are
+    read on the host) or, under torch.compile, every expert on every token, the routing weights (zero for
+    unchosen experts) selecting the result.
     """
 
     def __init__(self, config: HybridLMConfig):
@@ -65,15 +73,75 @@ class HybridLMSparseMoeBlock(nn.Module):
         batch, length, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (T, H)
         _, top_k_weights, top_k_index = self.router(tokens)
-        if torch.compiler.is_compiling():
-            dense_weights = tokens.new_zeros(tokens.shape[0], self.num_experts).scatter(1, top_k_index, top_k_weights)
-            output = sum(expert(tokens) * dense_weights[:, e, None] for e, expert in enumerate(self.experts))
-            return output.reshape(batch, length, hidden)
+        if self.experts_are_grouped():
+            output = self._grouped_forward(tokens, top_k_weights, top_k_index)
+        elif torch.compiler.is_compiling():
+            output = self._dense_forward(tokens, top_k_weights, top_k_index)
+        else:
+            output = self._module_loop_forward(tokens, top_k_weights, top_k_index)
+        return output.reshape(batch, length, hidden)
+
+    def experts_are_grouped(self) -> bool:
+        """Whether the experts run as grouped products (see the class docstring)."""
+        return self._grouped_projections() is not None
+
+    def _grouped_projections(self):
+        """{"gate_proj" | "up_proj" | "down_proj": (base nn.Linear per expert, LoRA adapters)}, or None when some
+        expert cannot run grouped. An adapter is (A weights, B weights, scalings, dropout), one entry per expert."""
+        if not all(type(expert) is HybridLMMLP for expert in self.experts):
+            return None
+        projections = {}
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layers = [getattr(expert, name) for expert in self.experts]
+            if all(_is_plain_linear(layer) for layer in layers):
+                projections[name] = (layers, [])
+                continue
+            adapters = _vanilla_lora_adapters(layers)
+            if adapters is None:
+                return None
+            projections[name] = ([layer.base_layer for layer in layers], adapters)
+        return projections
+
+    def _grouped_forward(self, tokens, top_k_weights, top_k_index):
+        num_tokens, top_k = top_k_index.shape
+        projections = self._grouped_projections()
+        (gate_layers, gate_adapters), (up_layers, up_adapters), (down_layers, down_adapters) = (
+            projections["gate_proj"], projections["up_proj"], projections["down_proj"])
+        # 1. sort the (token, slot) pairs by expert; offsets per expert stay on the device
+        sorted_expert, order = torch.sort(top_k_index.reshape(-1), stable=True)  # (S,), S = T * K
+        offs = expert_offsets(sorted_expert, self.num_experts)  # (E,) int32
+        # 2. the weights stacked across experts, nn.Linear layout; gate and up concatenated per expert.
+        # autocast does not reach torch._grouped_mm: everything is cast to the dtype nn.Linear would compute in
+        device_type = tokens.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else down_layers[0].weight.dtype)
+        gate_up_weight = _stack([w for g, u in zip(gate_layers, up_layers) for w in (g.weight, u.weight)], dtype)
+        gate_up_weight = gate_up_weight.view(self.num_experts, -1, gate_up_weight.shape[-1])  # (E, 2I, H)
+        down_weight = _stack([layer.weight for layer in down_layers], dtype)  # (E, H, I)
+        gate_up_bias = down_bias = None
+        if gate_layers[0].bias is not None:
+            gate_up_bias = _stack([b for g, u in zip(gate_layers, up_layers) for b in (g.bias, u.bias)], dtype)
+            gate_up_bias = gate_up_bias.view(self.num_experts, -1)  # (E, 2I)
+            down_bias = _stack([layer.bias for layer in down_layers], dtype)  # (E, H)
+        # 3. gate/up product, SwiGLU, down product, all experts at once; LoRA adds its low-rank products
+        routed = tokens.to(dtype)[order // top_k]  # (S, H)
+        gate, up = grouped_linear(routed, gate_up_weight, gate_up_bias, offs, sorted_expert).chunk(2, dim=-1)
+        gate = gate + _lora_delta(routed, gate_adapters, offs, sorted_expert, dtype)
+        up = up + _lora_delta(routed, up_adapters, offs, sorted_expert, dtype)
+        hidden = self.experts[0].act_fn(gate) * up  # (S, I)
+        expert_out = grouped_linear(hidden, down_weight, down_bias, offs, sorted_expert)
+        expert_out = expert_out + _lora_delta(hidden, down_adapters, offs, sorted_expert, dtype)  # (S, H)
+        # 4. back to (token, slot) order, weighted sum over the K slots (deterministic, no atomics)
+        expert_out = torch.zeros_like(expert_out).index_copy(0, order, expert_out)  # (S, H)
+        output = (expert_out.view(num_tokens, top_k, -1) * top_k_weights[..., None].to(dtype)).sum(1)
+        return output.to(tokens.dtype)
+
+    def _module_loop_forward(self, tokens, top_k_weights, top_k_index):
         # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // top_k_index.shape[1]
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # host sync
         routed = tokens[token_of]
         weights = top_k_weights.reshape(-1)[order, None]
         output = torch.zeros_like(tokens)
@@ -83,7 +151,56 @@ class HybridLMSparseMoeBlock(nn.Module):
                 stop = start + count
                 output.index_add_(0, token_of[start:stop], expert(routed[start:stop]) * weights[start:stop])
                 start = stop
-        return output.reshape(batch, length, hidden)
+        return output
+
+    def _dense_forward(self, tokens, top_k_weights, top_k_index):
+        dense_weights = tokens.new_zeros(tokens.shape[0], self.num_experts).scatter(1, top_k_index, top_k_weights)
+        return sum(expert(tokens) * dense_weights[:, e, None] for e, expert in enumerate(self.experts))
+
+
+def _is_plain_linear(layer: nn.Module) -> bool:
+    """An nn.Linear itself (bitsandbytes layers subclass it) with no accelerate hook that moves its weights in."""
+    return type(layer) is nn.Linear and not hasattr(layer, "_hf_hook")
+
+
+def _vanilla_lora_adapters(layers: list[nn.Module]):
+    """The active adapters of per-expert peft LoRA layers, as [(A weights, B weights, scalings, dropout)], when
+    every layer is a plain LoRA (no variant such as DoRA, no LoRA bias, not merged, not disabled) over a plain
+    nn.Linear with the same active adapters; otherwise None. Duck-typed: hybrid_lm does not import peft."""
+    first = layers[0]
+    if not all(hasattr(layer, attr) for layer in layers for attr in ("base_layer", "lora_A", "lora_B", "scaling")):
+        return None
+    names = [name for name in first.active_adapters if name in first.lora_A]
+    for layer in layers:
+        if (layer.merged or layer.disable_adapters or not _is_plain_linear(layer.base_layer)
+                or [name for name in layer.active_adapters if name in layer.lora_A] != names):
+            return None
+        for name in names:
+            if (name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False)
+                    or not _is_plain_linear(layer.lora_A[name]) or not _is_plain_linear(layer.lora_B[name])
+                    or layer.lora_A[name].weight.shape != first.lora_A[name].weight.shape
+                    or repr(layer.lora_dropout[name]) != repr(first.lora_dropout[name])):
+                return None
+    return [([layer.lora_A[name].weight for layer in layers], [layer.lora_B[name].weight for layer in layers],
+             [layer.scaling[name] for layer in layers], first.lora_dropout[name]) for name in names]
+
+
+def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack(tensors).to(dtype)
+
+
+def _lora_delta(x, adapters, offs, expert_ids, dtype):
+    """Sum over adapters of scaling * B(A(dropout(x))) per expert, as two grouped products: x (S, Din) -> (S, Dout),
+    or 0 without adapters. Computed in `dtype` (peft computes in the adapter's dtype, often float32)."""
+    delta = 0
+    for a_weights, b_weights, scalings, dropout in adapters:
+        low_rank = grouped_linear(dropout(x), _stack(a_weights, dtype), None, offs, expert_ids)  # (S, r)
+        delta_a = grouped_linear(low_rank, _stack(b_weights, dtype), None, offs, expert_ids)  # (S, Dout)
+        if len(set(scalings)) == 1:
+            delta = delta + delta_a * scalings[0]
+        else:
+            delta = delta + delta_a * torch.tensor(scalings, device=x.device, dtype=dtype)[expert_ids, None]
+    return delta
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
