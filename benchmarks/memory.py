@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM
-from hybrid_lm.memory_hybrid_lm import QUANTIZATION_SKIP_MODULES, estimate_memory, load_source_config
+from hybrid_lm.memory_hybrid_lm import estimate_memory, load_source_config, quantization_skip_modules
 
 BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4,
                     expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
@@ -51,9 +51,9 @@ def load(folder: str, weights: str) -> HybridLMForCausalLM:
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=weights, bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES,
+            llm_int8_skip_modules=quantization_skip_modules(),
         ) if weights in ("nf4", "fp4") else BitsAndBytesConfig(load_in_8bit=True,
-                                                                llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES)
+                                                                llm_int8_skip_modules=quantization_skip_modules())
     return HybridLMForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 

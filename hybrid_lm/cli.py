@@ -5,7 +5,7 @@
                               [--min-frequency N] [--model-max-length N] [--encoding-errors {strict,replace}]
                               [--overwrite]
     hybrid-lm memory CONFIG --context N [--batch B] [--weights bf16|int8|nf4|fp4] [--double-quant]
-                            [--prefill-chunk N] [--json]
+                            [--quantize-mamba] [--prefill-chunk N] [--json]
 
 User errors (bad arguments, missing or unreadable inputs, an output directory in the way) print one line
 on stderr and exit with code 2; nothing is written unless the whole tokenizer is: it is saved to a hidden
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight format: bf16, or bitsandbytes int8 / nf4 / fp4 (default: %(default)s)")
     memory.add_argument("--double-quant", action="store_true",
                         help="4-bit with bnb_4bit_use_double_quant (the block scales quantized too)")
+    memory.add_argument("--quantize-mamba", action="store_true",
+                        help="quantize the Mamba mixers' projections too (by default they stay in bf16)")
     memory.add_argument("--prefill-chunk", type=_int_at_least(1, "it is a number of tokens"), default=None,
                         metavar="N", help="prefill in chunks of N tokens (generate's prefill_chunk_size)")
     memory.add_argument("--json", action="store_true", help="print one JSON object: " + ", ".join(JSON_KEYS))
@@ -192,7 +194,8 @@ def _memory_command(args: argparse.Namespace) -> None:
         config = load_source_config(args.config)
     except (OSError, ValueError) as error:
         raise CommandError(str(error).splitlines()[0]) from error
-    estimate = estimate_memory(config, args.context, args.batch, args.weights, args.prefill_chunk, args.double_quant)
+    estimate = estimate_memory(config, args.context, args.batch, args.weights, args.prefill_chunk, args.double_quant,
+                               args.quantize_mamba)
     if args.json:
         print(json.dumps({key: getattr(estimate, key) for key in JSON_KEYS}))
     else:

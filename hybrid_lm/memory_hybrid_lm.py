@@ -12,7 +12,8 @@ nh / nkv / hd = heads / key-value heads / head dim, V = vocab, b = bytes of the 
 Weights (`weights_bytes`), per parameter, with the model's own dtypes (`model.to(bfloat16)` keeps A_log, D
 and the dt bias in float32, 4 bytes; everything else 2 bytes). With `int8`, `nf4` or `fp4` the weight of
 every `nn.Linear` outside `QUANTIZATION_SKIP_MODULES` is replaced by bitsandbytes' layout; everything else
-(embeddings, lm_head, the Mamba mixers whole, routers, norms, Linear biases) stays as in bf16:
+(embeddings, lm_head, the Mamba mixers whole, routers, norms, Linear biases) stays as in bf16; with
+`quantize_mamba` the Mamba mixers' Linear layers are quantized too (conv1d, A_log, D, dt bias stay):
     int8 (LLM.int8, `bnb.nn.Int8Params`): int8 CB (out, in) + float32 SCB per output row
          = out * in + 4 * out bytes
     nf4 / fp4 (`bnb.nn.Params4bit`, `bnb.functional.quantize_4bit`, blocksize 64): two 4-bit codes per byte
@@ -105,11 +106,18 @@ def meta_model(config: HybridLMConfig) -> HybridLMForCausalLM:
     return model.to(torch.bfloat16)
 
 
-def quantized_linear_names(model: nn.Module) -> set[str]:
-    """Names of the nn.Linear modules bitsandbytes replaces: all but those under QUANTIZATION_SKIP_MODULES."""
+def quantization_skip_modules(quantize_mamba: bool = False) -> list[str]:
+    """`llm_int8_skip_modules` for bitsandbytes: QUANTIZATION_SKIP_MODULES, or only lm_head with `quantize_mamba`
+    (the Mamba mixers' Linear layers quantized too; conv1d, A_log, D and the dt bias are no Linear and stay)."""
+    return [name for name in QUANTIZATION_SKIP_MODULES if not (quantize_mamba and name == "mamba")]
+
+
+def quantized_linear_names(model: nn.Module, quantize_mamba: bool = False) -> set[str]:
+    """Names of the nn.Linear modules bitsandbytes replaces: all but those under `quantization_skip_modules`."""
+    skipped = set(quantization_skip_modules(quantize_mamba))
     return {
         name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not set(name.split(".")) & set(QUANTIZATION_SKIP_MODULES)
+        if isinstance(module, nn.Linear) and not set(name.split(".")) & skipped
     }
 
 
@@ -127,10 +135,11 @@ def quantized_weight_bytes(out_features: int, in_features: int, weights: str, do
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCKSIZE) + 4 + 256 * 4 + code
 
 
-def weights_bytes(model: nn.Module, weights: str = "bf16", double_quant: bool = False) -> int:
+def weights_bytes(model: nn.Module, weights: str = "bf16", double_quant: bool = False,
+                  quantize_mamba: bool = False) -> int:
     """Bytes of `model`'s parameters (a meta model from `meta_model`) once loaded with `weights`."""
     _check_weights(weights)
-    quantized = quantized_linear_names(model) if weights != "bf16" else set()
+    quantized = quantized_linear_names(model, quantize_mamba) if weights != "bf16" else set()
     total = 0
     for name, param in model.named_parameters():  # tied parameters once
         module_name, _, param_name = name.rpartition(".")
@@ -189,9 +198,12 @@ def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefi
 
 
 def estimate_memory(config: HybridLMConfig, context: int, batch: int = 1, weights: str = "bf16",
-                    prefill_chunk: int | None = None, double_quant: bool = False) -> MemoryEstimate:
+                    prefill_chunk: int | None = None, double_quant: bool = False,
+                    quantize_mamba: bool = False) -> MemoryEstimate:
     """Parameters and bytes to load `config` with `weights` and prefill `batch` x `context` tokens (in chunks of
-    `prefill_chunk` tokens if given). Nothing is allocated: the model is built on the meta device."""
+    `prefill_chunk` tokens if given). `double_quant`: bnb_4bit_use_double_quant; `quantize_mamba`: the Mamba
+    mixers' Linear layers quantized too (by default they stay bf16). Nothing is allocated: the model is built on
+    the meta device."""
     for name, value in (("context", context), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} ({value!r}) must be a positive number of tokens / sequences")
@@ -202,7 +214,7 @@ def estimate_memory(config: HybridLMConfig, context: int, batch: int = 1, weight
     model = meta_model(config)
     total, active = parameter_counts(model)
     parts = dict(
-        weights_bytes=weights_bytes(model, weights, double_quant),
+        weights_bytes=weights_bytes(model, weights, double_quant, quantize_mamba),
         kv_cache_bytes=kv_cache_bytes(config, context, batch),
         mamba_state_bytes=mamba_state_bytes(config, batch),
         activation_bytes=activation_bytes(config, context, batch, prefill_chunk),
@@ -261,4 +273,4 @@ def _check_weights(weights: str) -> None:
 
 
 __all__ = ["JSON_KEYS", "MemoryEstimate", "QUANTIZATION_SKIP_MODULES", "WEIGHT_FORMATS", "estimate_memory",
-           "load_source_config"]
+           "load_source_config", "quantization_skip_modules"]
