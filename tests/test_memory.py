@@ -249,3 +249,14 @@ def test_jamba_v01_4bit_weights(jamba):
     assert estimate_memory(jamba, 1, weights="nf4", double_quant=True).weights_bytes / bf16 < 0.32
     # quantizing the Mamba projections too meets it
     assert estimate_memory(jamba, 1, weights="nf4", quantize_mamba=True).weights_bytes / bf16 <= 0.3
+
+
+def test_readme_table_is_the_calculators(jamba):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for weights in ("bf16", "int8", "nf4"):
+        e = estimate_memory(jamba, context=140_000, weights=weights)
+        row = (f"| {weights} | {e.weights_bytes / GB:.1f} GB | {e.kv_cache_bytes / GB:.1f} GB | "
+               f"{e.mamba_state_bytes / GB:.2f} GB | {e.activation_bytes / GB:.1f} GB | {e.total_bytes / GB:.1f} GB |")
+        assert row in readme
