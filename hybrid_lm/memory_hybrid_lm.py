@@ -35,9 +35,9 @@ padding mask, `logits_to_keep=1` as generate() asks, the GPU kernels: SDPA / fla
 L x L matrix, the Triton or CUDA scan) on B * L tokens, L = min(S, prefill_chunk). Layers run one after
 another and free their intermediates, so it is the residual stream plus the largest single layer:
     residual stream: the residual and its normalised copy, 2 * H * b per token
-    Mamba layer: in_proj output (x and z) 2D, conv output D, dt D, the contiguous dt and z the scan takes
-        2D, scan output D, x_proj output R + 2N: (6D + 2D + R + 2N) * b per token, plus the scan's float32
-        chunk states B * (ceil(L / 256) + 1) * N * D * 4
+    Mamba layer, during the scan: in_proj output (x and z) 2D, conv output D, dt D, the contiguous dt and
+        z the scan takes 2D, scan output D, x_proj output R + 2N: (7D + R + 2N) * b per token, plus the
+        scan's float32 chunk states B * (ceil(L / 256) + 1) * N * D * 4
     attention layer: q, the attention output and its contiguous copy (3 * nh * hd * b per token; K and V
         are the cache), plus GQA's repeated K and V (2 * nh * hd * b) when nkv < nh
     dense MLP: gate/act, up and their product, 3 * I * b per token
@@ -180,7 +180,7 @@ def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefi
     kinds = config.layers_block_type
     if "mamba" in kinds:
         states = batch * (math.ceil(length / SCAN_CHUNK) + 1) * N * D * 4
-        layers.append(tokens * (8 * D + R + 2 * N) * b + states)
+        layers.append(tokens * (7 * D + R + 2 * N) * b + states)
     if "attention" in kinds:
         per_token = 3 * nh * hd * b + (2 * nh * hd * b if nkv < nh else 0)
         chunked = 0
