@@ -33,14 +33,22 @@ MiB = 2**20
 
 
 def cache_bytes(cache) -> int:
+    """Bytes of the tensors a transformers Cache holds (key/value lists, conv / recurrent state dicts), each once."""
     seen, total = set(), 0
+
+    def walk(value):
+        nonlocal total
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif torch.is_tensor(value) and value.dim() > 0 and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            total += value.numel() * value.element_size()
+
     for layer in cache.layers:
-        for value in vars(layer).values():
-            tensors = value if isinstance(value, (list, tuple)) else [value]
-            for tensor in tensors:
-                if torch.is_tensor(tensor) and tensor.is_cuda and tensor.data_ptr() not in seen:
-                    seen.add(tensor.data_ptr())
-                    total += tensor.numel() * tensor.element_size()
+        walk(list(vars(layer).values()))
     return total
 
 

@@ -23,7 +23,8 @@ every `nn.Linear` outside `QUANTIZATION_SKIP_MODULES` is replaced by bitsandbyte
          blocks of 256, with a float32 absmax per 256 blocks, a float32 offset and a 256-entry float32 code
          = ceil(n / 2) + nb + 4 * ceil(nb / 256) + 4 + 1024 + 64 bytes, nb = ceil(n / 64)
 
-KV cache (`kv_cache_bytes`), per attention layer: 2 (K and V) * B * nkv * hd * min(S, sliding_window) * b.
+KV cache (`kv_cache_bytes`), per attention layer: 2 (K and V) * B * nkv * hd * S' * b, S' = S, or with a
+sliding window min(S, sliding_window - 1) (what transformers' sliding cache layer keeps).
 A stack without attention layers keeps one-element keys and values per token in its first layer (how
 transformers' caches count positions): 2 * B * S * b.
 
@@ -45,8 +46,10 @@ another and free their intermediates, so it is the residual stream plus the larg
         three int64 index vectors 3 * K * 8 per token; and one expert's gate/act, up, product and down on
         its share of the tokens, balanced routing: ceil(B * L * K / E) * (3I + H) * b
     final norm: float32 copy and normalised float32, 2 * H * 4 per token; logits B * logits_to_keep * V * b
-  A chunked prefill (L < S) attends over the cache: SDPA gets a materialised boolean mask B * L * S, and the
-  cache's concatenation holds one attention layer's old and new K, V at once (one more layer's KV cache).
+  A chunked prefill (L < S) attends over the cache: transformers builds SDPA a boolean mask B * L * S' bytes
+  (S' = the tokens kept, as for the KV cache) that lives through the whole forward, and the cache's
+  concatenation holds one attention layer's old and new K, V at once (one more layer's KV cache). The mask
+  grows with L * S: chunks of 8K at 1M tokens cost 8 GiB of mask, chunks of 128K 128 GiB.
 
 `total_bytes` is the sum of the four. Sizes are bytes; the CLI prints them in GiB (2**30 bytes) and GB (1e9).
 What the estimate leaves out: the CUDA context and the kernels' code (outside torch's allocator, ~0.5 GiB
@@ -150,11 +153,17 @@ def weights_bytes(model: nn.Module, weights: str = "bf16", double_quant: bool = 
     return total
 
 
+def kept_tokens(config: HybridLMConfig, context: int) -> int:
+    """Tokens an attention layer's cache holds after `context` tokens: a sliding window keeps the last
+    `sliding_window - 1` (the next query sees those and itself)."""
+    return context if config.sliding_window is None else min(context, config.sliding_window - 1)
+
+
 def kv_cache_bytes(config: HybridLMConfig, context: int, batch: int = 1) -> int:
     kinds = config.layers_block_type
     if "attention" not in kinds:
         return 2 * batch * context * COMPUTE_BYTES  # the position-counting keys of the first layer
-    kept = min(context, config.sliding_window) if config.sliding_window is not None else context
+    kept = kept_tokens(config, context)
     per_layer = 2 * batch * config.num_key_value_heads * config.head_dim * kept * COMPUTE_BYTES
     return kinds.count("attention") * per_layer
 
@@ -176,6 +185,10 @@ def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefi
     nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
     residual = tokens * 2 * H * b
+    chunked = "attention" in config.layers_block_type and length < context
+    kept = kept_tokens(config, context)
+    if chunked:  # SDPA's boolean mask (B, 1, L, S'), built once per forward and alive through every layer
+        residual += batch * length * kept
     layers = [tokens * 2 * H * 4 + batch * min(logits_to_keep or length, length) * config.vocab_size * b]  # final
     kinds = config.layers_block_type
     if "mamba" in kinds:
@@ -183,11 +196,8 @@ def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefi
         layers.append(tokens * (7 * D + R + 2 * N) * b + states)
     if "attention" in kinds:
         per_token = 3 * nh * hd * b + (2 * nh * hd * b if nkv < nh else 0)
-        chunked = 0
-        if length < context:
-            kept = min(context, config.sliding_window) if config.sliding_window is not None else context
-            chunked = batch * length * kept + 2 * batch * nkv * hd * kept * b  # mask + one layer's KV during the cat
-        layers.append(tokens * per_token + chunked)
+        growing = 2 * batch * nkv * hd * kept * b if chunked else 0  # torch.cat holds the old and the new K, V
+        layers.append(tokens * per_token + growing)
     feed_forward = {config.feed_forward_type(i) for i in range(config.num_hidden_layers)}
     if "mlp" in feed_forward:
         layers.append(tokens * 3 * I * b)

@@ -1,10 +1,13 @@
 """hybrid-lm memory: exact parameter counts, the byte formulas, the CLI, and Jamba-v0.1's published figures."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from transformers import DynamicCache
 
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM
 from hybrid_lm.cli import main
@@ -18,6 +21,9 @@ from hybrid_lm.memory_hybrid_lm import (
     quantized_weight_bytes,
 )
 from hybrid_lm.source_configs_hybrid_lm import jamba_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from memory import cache_bytes  # noqa: E402  (benchmarks/memory.py: what the GPU benchmark measures)
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
@@ -102,7 +108,23 @@ def test_cache_and_state_formulas():
     assert estimate.kv_cache_bytes == 2 * 2 * 3 * 2 * 8 * 1000 * 2  # layers, K+V, batch, kv heads, head dim, tokens
     assert estimate.mamba_state_bytes == 2 * (3 * 64 * 3 * 2 + 3 * 64 * 4 * 4)  # conv bf16 + SSM fp32
     windowed = estimate_memory(HybridLMConfig(**TINY, sliding_window=100), context=1000, batch=3)
-    assert windowed.kv_cache_bytes == estimate.kv_cache_bytes // 10
+    assert windowed.kv_cache_bytes == estimate.kv_cache_bytes * 99 // 1000  # the last window - 1 tokens
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param(TINY, id="hybrid"),
+    pytest.param({**TINY, "layers_block_type": ["mamba"] * 4, "layers_num_experts": [0] * 4}, id="all-mamba"),
+    pytest.param({**TINY, "sliding_window": 50}, id="sliding-window"),
+])
+def test_the_cache_after_a_prefill_holds_the_calculated_bytes(fields):
+    model = HybridLMForCausalLM(HybridLMConfig(**fields, kernel_backend="torch")).to(torch.bfloat16).eval()
+    input_ids = torch.randint(0, 128, (2, 300))
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        for start in range(0, 300, 100):  # a chunked prefill
+            model(input_ids=input_ids[:, start:start + 100], cache=cache, use_cache=True, logits_to_keep=1)
+    estimate = estimate_memory(model.config, context=300, batch=2, prefill_chunk=100)
+    assert cache_bytes(cache) == estimate.kv_cache_bytes + estimate.mamba_state_bytes
 
 
 def test_prefill_chunk_bounds_the_activations():
