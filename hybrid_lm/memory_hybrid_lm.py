@@ -47,9 +47,11 @@ another and free their intermediates, so it is the residual stream plus the larg
         its share of the tokens, balanced routing: ceil(B * L * K / E) * (3I + H) * b
     final norm: float32 copy and normalised float32, 2 * H * 4 per token; logits B * logits_to_keep * V * b
   A chunked prefill (L < S) attends over the cache: transformers builds SDPA a boolean mask B * L * S' bytes
-  (S' = the tokens kept, as for the KV cache) that lives through the whole forward, and the cache's
-  concatenation holds one attention layer's old and new K, V at once (one more layer's KV cache). The mask
-  grows with L * S: chunks of 8K at 1M tokens cost 8 GiB of mask, chunks of 128K 128 GiB.
+  (S' = the tokens kept, as for the KV cache) that lives through the whole forward; in an attention layer
+  SDPA converts it to an additive mask in the query's dtype (B * L * S' * b more; torch's
+  `convert_boolean_attn_mask`, for the memory-efficient and math kernels that take masks), and the cache's
+  concatenation holds the layer's old and new K, V at once (one more layer's KV cache). The masks grow with
+  L * S: chunks of 8K at 1M tokens cost 8 + 16 GiB of masks, chunks of 128K 128 + 256 GiB.
 
 `total_bytes` is the sum of the four. Sizes are bytes; the CLI prints them in GiB (2**30 bytes) and GB (1e9).
 What the estimate leaves out: the CUDA context and the kernels' code (outside torch's allocator, ~0.5 GiB
@@ -196,7 +198,8 @@ def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefi
         layers.append(tokens * (7 * D + R + 2 * N) * b + states)
     if "attention" in kinds:
         per_token = 3 * nh * hd * b + (2 * nh * hd * b if nkv < nh else 0)
-        growing = 2 * batch * nkv * hd * kept * b if chunked else 0  # torch.cat holds the old and the new K, V
+        # torch.cat holds the old and the new K, V; SDPA turns the boolean mask into an additive one in q's dtype
+        growing = 2 * batch * nkv * hd * kept * b + batch * length * kept * b if chunked else 0
         layers.append(tokens * per_token + growing)
     feed_forward = {config.feed_forward_type(i) for i in range(config.num_hidden_layers)}
     if "mlp" in feed_forward:

@@ -133,11 +133,12 @@ def test_prefill_chunk_bounds_the_activations():
     chunked = estimate_memory(mamba, context=1 << 20, prefill_chunk=4096)
     assert chunked.activation_bytes < whole.activation_bytes / 100
     assert chunked.kv_cache_bytes == whole.kv_cache_bytes
-    # attending over the cache adds SDPA's boolean mask (chunk x context) and one layer's K, V while it grows
+    # attending over the cache adds SDPA's masks (chunk x context: boolean, then additive in bf16) and one layer's
+    # K, V while it grows
     hybrid = HybridLMConfig(**TINY)
     chunked = estimate_memory(hybrid, context=1 << 20, prefill_chunk=4096)
     one_layer_kv = 2 * 2 * 8 * (1 << 20) * 2
-    attending = 4096 * (1 << 20) + one_layer_kv
+    attending = 4096 * (1 << 20) * (1 + 2) + one_layer_kv
     assert attending < chunked.activation_bytes < attending + estimate_memory(hybrid, 4096).activation_bytes
 
 
