@@ -14,13 +14,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from hybrid_lm.source_configs_hybrid_lm import DroppedSettingWarning
+
 
 class ConversionError(ValueError):
     """A problem with the input; the message says what and how to fix it."""
 
 
-class ConversionWarning(UserWarning):
-    """A source setting that does not change inference but is dropped by the conversion."""
+# A source setting that does not change inference but is dropped by the conversion: the package's class, since the
+# config mappings that warn live in the package (hybrid_lm/source_configs_hybrid_lm.py).
+ConversionWarning = DroppedSettingWarning
 
 
 def read_json(path: Path) -> dict:

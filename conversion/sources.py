@@ -16,7 +16,6 @@ for verification.
 """
 
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from checkpoint_io import ConversionError, ConversionWarning, PickleWeights, SafetensorsWeights
+from checkpoint_io import ConversionError, PickleWeights, SafetensorsWeights
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM
+from hybrid_lm import source_configs_hybrid_lm as source_configs
+from hybrid_lm.source_configs_hybrid_lm import picked  # noqa: F401 (targets.py takes it from here)
 
 Weights = SafetensorsWeights | PickleWeights
 TensorPairs = Iterator[tuple[str, torch.Tensor]]
@@ -140,99 +141,29 @@ MIXTRAL_KEYS = KeyMap({
 })
 
 
-# ----------------------------------------------------------------------------- config helpers
+# ----------------------------------------------------------------------------- configs
+# The config.json mappings are pure and live in the package (hybrid_lm/source_configs_hybrid_lm.py), where
+# `hybrid-lm memory` reads them too; here they take the weights (which only mamba_ssm needs) and raise
+# ConversionError.
 
 
-def _normalised(config_class: type, source: dict) -> dict:
-    """`source` completed by transformers' own config class: defaults for absent fields, legacy RoPE keys
-    (`rope_theta`, `rope_scaling`) folded into `rope_parameters`, `head_dim` resolved."""
-    try:
-        return config_class.from_dict(dict(source)).to_dict()
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"config.json is not a valid {config_class.__name__}: {error}") from error
+def _converting(mapping: Callable[[dict], HybridLMConfig]) -> Callable[[dict, Weights], HybridLMConfig]:
+    def build_config(source: dict, weights: Weights) -> HybridLMConfig:
+        try:
+            return mapping(source)
+        except source_configs.UnsupportedSourceConfig as error:
+            raise ConversionError(str(error)) from error
+
+    build_config.__name__ = build_config.__qualname__ = mapping.__name__
+    build_config.__doc__ = mapping.__doc__
+    return build_config
 
 
-def picked(source: dict, names: tuple[str, ...]) -> dict:
-    """The fields `names` of `source` that it has."""
-    return {name: source[name] for name in names if name in source}
-
-
-def _require_silu(source: dict, family: str) -> None:
-    if source.get("hidden_act", "silu") != "silu":
-        raise ConversionError(
-            f"hidden_act is {source['hidden_act']!r}: {family} applies it in the Mamba conv, hybrid_lm always uses "
-            "silu there; only hidden_act='silu' converts exactly"
-        )
-
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-def _rope_fields(source: dict) -> dict:
-    """use_rope + rope_parameters for hybrid_lm; refuses RoPE variants hybrid_lm would compute differently."""
-    rope = dict(source.get("rope_parameters") or {})
-    rope_type = rope.get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConversionError(
-            f"rope_type {rope_type!r} is not supported (hybrid_lm computes {list(SUPPORTED_ROPE_TYPES)} exactly; "
-            "'dynamic' and 'longrope' rescale with the sequence length at run time)"
-        )
-    partial = rope.get("partial_rotary_factor", source.get("partial_rotary_factor")) or 1.0
-    if partial != 1.0:
-        raise ConversionError(
-            f"partial_rotary_factor is {partial}: hybrid_lm rotates the whole head (partial RoPE is not supported)"
-        )
-    if "rope_theta" not in rope:
-        raise ConversionError("the RoPE settings have no rope_theta; add it to rope_parameters in config.json")
-    return {"use_rope": True, "rope_parameters": rope}
-
-
-_SKIPPED_FIELDS = {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype",
-                   "layers_block_type", "layers_num_experts"}
-
-
-def _shared_fields(source: dict) -> dict:
-    """Fields of the source config that HybridLMConfig has too, with the same name and meaning."""
-    known = set(HybridLMConfig.__dataclass_fields__) - _SKIPPED_FIELDS
-    return {k: v for k, v in source.items() if k in known}
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def jamba_config(source: dict, weights: Weights) -> HybridLMConfig:
-    jamba = _normalised(transformers.JambaConfig, source)
-    _require_silu(jamba, "Jamba")
-    return HybridLMConfig(**_shared_fields(jamba), mamba_inner_layernorms=True, use_rope=False, norm_topk_prob=False)
-
-
-_PURE_MAMBA = dict(num_experts=1, num_experts_per_tok=1, intermediate_size=0, num_attention_heads=1,
-                   num_key_value_heads=1, mamba_inner_layernorms=False)
-
-
-def mamba_config(source: dict, weights: Weights) -> HybridLMConfig:
-    """All layers Mamba without feed-forward blocks or Jamba's inner norms. MambaConfig's residual_in_fp32 is
-    dropped: it only changes low-precision runs (hybrid_lm keeps the residual in the model dtype)."""
-    mamba = _normalised(transformers.MambaConfig, source)
-    _require_silu(mamba, "Mamba")
-    layers = mamba["num_hidden_layers"]
-    return HybridLMConfig(
-        **_PURE_MAMBA,
-        **picked(mamba, ("vocab_size", "hidden_size", "num_hidden_layers", "initializer_range", "use_cache",
-                          "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")),
-        layers_block_type=["mamba"] * layers,
-        layers_num_experts=[0] * layers,
-        rms_norm_eps=mamba["layer_norm_epsilon"],
-        mamba_d_state=mamba["state_size"],
-        mamba_d_conv=mamba["conv_kernel"],
-        mamba_expand=mamba["expand"],
-        mamba_dt_rank=mamba["time_step_rank"],
-        mamba_conv_bias=mamba["use_conv_bias"],
-        mamba_proj_bias=mamba["use_bias"],
-        mamba_dt_min=mamba["time_step_min"],
-        mamba_dt_max=mamba["time_step_max"],
-        mamba_dt_init_floor=mamba["time_step_floor"],
-    )
+jamba_config = _converting(source_configs.jamba_config)
+mamba_config = _converting(source_configs.mamba_config)
+llama_config = _converting(source_configs.llama_config)
+mixtral_config = _converting(source_configs.mixtral_config)
+hybrid_lm_config = _converting(source_configs.hybrid_lm_config)
 
 
 def mamba_ssm_as_mamba(source: dict, weights: Weights) -> dict:
@@ -293,61 +224,6 @@ def mamba_ssm_as_mamba(source: dict, weights: Weights) -> dict:
 
 def mamba_ssm_config(source: dict, weights: Weights) -> HybridLMConfig:
     return mamba_config(mamba_ssm_as_mamba(source, weights), weights)
-
-
-_TRANSFORMER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
-                       "initializer_range", "attention_dropout", "use_cache", "tie_word_embeddings", "pad_token_id",
-                       "bos_token_id", "eos_token_id")
-
-
-def llama_config(source: dict, weights: Weights) -> HybridLMConfig:
-    """All layers attention + dense SwiGLU MLP, with the source's RoPE; Llama has no sliding window."""
-    llama = _normalised(transformers.LlamaConfig, source)
-    layers = llama["num_hidden_layers"]
-    return HybridLMConfig(
-        **picked(llama, _TRANSFORMER_FIELDS + ("attention_bias", "mlp_bias")),
-        **_rope_fields(llama),
-        layers_block_type=["attention"] * layers,
-        layers_num_experts=[1] * layers,
-        num_experts=1,
-        num_experts_per_tok=1,
-    )
-
-
-def mixtral_config(source: dict, weights: Weights) -> HybridLMConfig:
-    """All layers attention + mixture of experts with renormalised top-K weights, the source's RoPE and sliding
-    window. router_jitter_noise only acts in training: it is dropped with a warning."""
-    mixtral = _normalised(transformers.MixtralConfig, source)
-    if mixtral["num_local_experts"] < 2:
-        raise ConversionError(
-            f"num_local_experts is {mixtral['num_local_experts']}: hybrid_lm stores a one-expert layer as a dense "
-            "MLP without router; convert it as a Llama-style model instead"
-        )
-    if mixtral.get("router_jitter_noise"):
-        warnings.warn(
-            f"router_jitter_noise ({mixtral['router_jitter_noise']}) is dropped: it only perturbs routing in training, "
-            "and hybrid_lm has no such option",
-            ConversionWarning,
-            stacklevel=2,
-        )
-    return HybridLMConfig(
-        **picked(mixtral, _TRANSFORMER_FIELDS + ("sliding_window", "num_experts_per_tok", "router_aux_loss_coef",
-                                                  "output_router_logits")),
-        **_rope_fields(mixtral),
-        layers_block_type=["attention"] * mixtral["num_hidden_layers"],
-        num_experts=mixtral["num_local_experts"],
-        expert_layer_period=1,
-        expert_layer_offset=0,
-        norm_topk_prob=True,
-    )
-
-
-def hybrid_lm_config(source: dict, weights: Weights) -> HybridLMConfig:
-    try:
-        return HybridLMConfig.from_dict(dict(source))
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"config.json is not a valid HybridLMConfig: {error}") from error
 
 
 # ----------------------------------------------------------------------------- oracles

@@ -4,13 +4,20 @@
     hybrid-lm train-tokenizer --input FILES... --vocab-size N --output DIR
                               [--min-frequency N] [--model-max-length N] [--encoding-errors {strict,replace}]
                               [--overwrite]
+    hybrid-lm memory CONFIG --context N [--batch B] [--weights bf16|int8|nf4|fp4] [--double-quant]
+                            [--quantize-mamba] [--prefill-chunk N] [--json]
 
 User errors (bad arguments, missing or unreadable inputs, an output directory in the way) print one line
 on stderr and exit with code 2; nothing is written unless the whole tokenizer is: it is saved to a hidden
 directory next to `--output` and renamed into place.
+
+`memory` reads CONFIG (a hybrid_lm folder or config.json, or a Jamba, Mixtral, Llama or Mamba config.json) and
+prints parameter counts and the bytes of weights, KV cache, Mamba states and prefill activations, without
+loading any weights (see memory_hybrid_lm.py for the formulas).
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -21,6 +28,7 @@ from transformers.utils import logging
 
 from . import __version__
 from .configuration_hybrid_lm import HybridLMConfig
+from .memory_hybrid_lm import JSON_KEYS, WEIGHT_FORMATS, estimate_memory, format_estimate, load_source_config
 from .tokenization_hybrid_lm import DEFAULT_SPECIAL_TOKENS, NUM_BYTES, check_input_files, train_tokenizer
 
 logger = logging.get_logger(__name__)
@@ -94,6 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace DIR (and everything in it) if it holds a different tokenizer or other files",
     )
     train.set_defaults(run=_train_tokenizer_command)
+
+    memory = commands.add_parser(
+        "memory",
+        help="estimate the memory of loading a model and prefilling a context, from its config alone",
+        description="Total and active parameters, weight bytes (quantized as bitsandbytes does, Mamba mixers, "
+        "routers, norms, embeddings and lm_head kept in bf16), KV cache, Mamba conv/SSM states and peak prefill "
+        "activations for one prefill forward; no weights are loaded.",
+    )
+    memory.add_argument("config", metavar="CONFIG",
+                        help="a hybrid_lm folder or config.json, or a Jamba, Mixtral, Llama or Mamba config.json")
+    memory.add_argument("--context", type=_int_at_least(1, "it is a number of tokens"), required=True, metavar="N",
+                        help="tokens per sequence to prefill")
+    memory.add_argument("--batch", type=_int_at_least(1, "it is a number of sequences"), default=1, metavar="B",
+                        help="sequences prefilled together (default: %(default)s)")
+    memory.add_argument("--weights", choices=WEIGHT_FORMATS, default="bf16",
+                        help="weight format: bf16, or bitsandbytes int8 / nf4 / fp4 (default: %(default)s)")
+    memory.add_argument("--double-quant", action="store_true",
+                        help="4-bit with bnb_4bit_use_double_quant (the block scales quantized too)")
+    memory.add_argument("--quantize-mamba", action="store_true",
+                        help="quantize the Mamba mixers' projections too (by default they stay in bf16)")
+    memory.add_argument("--prefill-chunk", type=_int_at_least(1, "it is a number of tokens"), default=None,
+                        metavar="N", help="prefill in chunks of N tokens (generate's prefill_chunk_size)")
+    memory.add_argument("--json", action="store_true", help="print one JSON object: " + ", ".join(JSON_KEYS))
+    memory.set_defaults(run=_memory_command)
     return parser
 
 
@@ -155,6 +187,19 @@ def _train_tokenizer_command(args: argparse.Namespace) -> None:
     short = len(tokenizer) < args.vocab_size
     short = f" (not the {args.vocab_size} asked for: the corpus ran out of pairs)" if short else ""
     print(f"saved a {len(tokenizer)}-token tokenizer to {output}{short}")
+
+
+def _memory_command(args: argparse.Namespace) -> None:
+    try:
+        config = load_source_config(args.config)
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error).splitlines()[0]) from error
+    estimate = estimate_memory(config, args.context, args.batch, args.weights, args.prefill_chunk, args.double_quant,
+                               args.quantize_mamba)
+    if args.json:
+        print(json.dumps({key: getattr(estimate, key) for key in JSON_KEYS}))
+    else:
+        print(format_estimate(estimate, config))
 
 
 def _check_output(output: Path, overwrite: bool) -> bool:
