@@ -6,6 +6,7 @@ not take or expecting something back it does not give: the next rename is found 
 
 import inspect
 import json
+import logging
 import warnings
 
 import pytest
@@ -81,6 +82,11 @@ def test_no_deprecation_warnings_from_our_code():
     """Training, forwards with a cache and every generate mode under the current names warn about nothing
     deprecated (5.24 deprecates `past_key_values` and `is_gradient_checkpointing`, for example)."""
     model = tiny_model(**NO_EOS)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)  # transformers also deprecates through logger.warning_once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.train()
@@ -91,8 +97,10 @@ def test_no_deprecation_warnings_from_our_code():
         for kwargs in GENERATE_MODES.values():
             model.generate(prompt(), max_new_tokens=3, return_dict_in_generate=True, **kwargs)
         hybrid_lm.HybridLMForSequenceClassification(tiny_config(num_labels=2))(prompt())
+    transformers_logger.removeHandler(handler)
     deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
                     if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    deprecations += [message for message in logged if "deprecat" in message.lower()]
     assert not deprecations, f"{RELEASE}:\n" + "\n".join(deprecations)
 
 
