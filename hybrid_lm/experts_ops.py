@@ -18,6 +18,9 @@ torch.compile is tracing; never by trying and catching an error:
 - "loop": one `mm` per expert inside a custom op, so torch.compile sees one opaque node (no graph break, no
   every-expert-on-every-token dense path) and autograd one backward. It reads `offs` on the host once per call:
   free on CPU, a host sync on CUDA (float32 / float16 there, or GPUs before sm90).
+- "masked": where CUDA has no fast kernel and the call is compiled or captured in a CUDA graph (which cannot
+  read `offs` on the host): every expert's product on every row, each row keeping its own expert's. E times
+  the FLOPs, no host read; the fast-kernel case (bfloat16 on sm90+) never comes here.
 """
 
 import torch
@@ -111,7 +114,9 @@ def grouped_mm_backend(x: torch.Tensor, w: torch.Tensor) -> str:
     if x.device.type == "cuda":
         sm_major = torch.cuda.get_device_capability(x.device)[0]
         fast_kernel = sm_major == 9 or (sm_major == 10 and _TORCH_VERSION >= (2, 9))
-        return "grouped_mm" if x.dtype == torch.bfloat16 and fast_kernel else "loop"
+        if x.dtype == torch.bfloat16 and fast_kernel:
+            return "grouped_mm"
+        return "masked" if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing() else "loop"
     if x.device.type == "cpu" and _TORCH_VERSION >= (2, 9):
         if torch.compiler.is_compiling():
             return "grouped_mm" if x.dtype == torch.bfloat16 else "loop"
@@ -122,9 +127,22 @@ def grouped_mm_backend(x: torch.Tensor, w: torch.Tensor) -> str:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x (S, Din) rows sorted by group, w (E, Din, Dout) any strides, offs (E,) int32 with offs[-1] == S
     -> (S, Dout). Differentiable in x and w; the same values as `grouped_mm_ref`."""
-    if grouped_mm_backend(x, w) == "grouped_mm":
+    backend = grouped_mm_backend(x, w)
+    if backend == "grouped_mm":
         return torch._grouped_mm(x, w, offs=offs)
+    if backend == "masked":
+        return _grouped_mm_masked(x, w, offs)
     return _grouped_mm_loop_op(x, w.contiguous(), offs)
+
+
+def _grouped_mm_masked(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The "masked" backend: same signature and values as `grouped_mm_ref`, without reading `offs` on the host."""
+    rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
+    group = torch.searchsorted(offs, rows, right=True)  # (S,) the group of each row
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    for e in range(w.shape[0]):
+        out = torch.where((group == e)[:, None], x @ w[e], out)
+    return out
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offs: torch.Tensor,

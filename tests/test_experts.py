@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from builders import tiny_config
-from hybrid_lm.experts_ops import _grouped_mm_loop_op, grouped_mm, grouped_mm_backend, grouped_mm_ref
+from hybrid_lm.experts_ops import (
+    _grouped_mm_loop_op,
+    _grouped_mm_masked,
+    grouped_mm,
+    grouped_mm_backend,
+    grouped_mm_ref,
+)
 from hybrid_lm.feed_forward_hybrid_lm import HybridLMSparseMoeBlock
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,13 +107,14 @@ def check_against_reference(block, x, dtype, forward=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [1, 0, 0, 0]], ids=["mixed", "one-group", "one-row"])
-@pytest.mark.parametrize("op", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("op", ["grouped_mm", "loop", "masked"])
 def test_grouped_mm_matches_reference(dtype, counts, op):
     torch.manual_seed(0)
     x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
     weight = torch.randn(4, 24, 16, dtype=dtype, requires_grad=True)  # nn.Linear layout (E, Dout, Din)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    fn = grouped_mm if op == "grouped_mm" else lambda a, w, o: _grouped_mm_loop_op(a, w.contiguous(), o)
+    fn = {"grouped_mm": grouped_mm, "masked": _grouped_mm_masked,
+          "loop": lambda a, w, o: _grouped_mm_loop_op(a, w.contiguous(), o)}[op]
     out = fn(x, weight.transpose(-2, -1), offs)
     grad = torch.randn_like(out)
     out.backward(grad)
