@@ -53,6 +53,11 @@ def operand(rng: random.Random, digits: int) -> int:
 
 def problems(rng: random.Random, count: int, min_digits: int, max_digits: int, exclude=frozenset()) -> list[tuple]:
     """`count` distinct (a, b) pairs, each operand's digit count uniform in min_digits..max_digits; none in exclude."""
+    low, high = (10 ** (min_digits - 1) if min_digits > 1 else 0), 10**max_digits
+    available = (high - low) ** 2 - sum(low <= a < high and low <= b < high for a, b in exclude)
+    if count > available:
+        raise ValueError(f"{count} distinct problems asked for, but operands of {min_digits}-{max_digits} digits "
+                         f"give {available} (held-out ones excluded)")
     out, seen = [], set(exclude)
     while len(out) < count:
         pair = (operand(rng, rng.randint(min_digits, max_digits)), operand(rng, rng.randint(min_digits, max_digits)))

@@ -50,9 +50,9 @@ import common  # noqa: E402
 
 MODELS = {"attention": ("attention", 2), "mamba": ("mamba", 2), "hybrid 1:1": ("1:1", 2), "hybrid 1:3": ("1:3", 4)}
 SIZES = {
-    "full": dict(vocab=8192, lengths=[64, 128, 256], widths=[64, 128, 256], lrs=[1e-3, 10**-2.5, 1e-2],
+    "full": dict(models=list(MODELS), vocab=8192, lengths=[64, 128, 256], widths=[64, 128, 256], lrs=[1e-3, 10**-2.5, 1e-2],
                  steps=1200, batch=128, eval_every=100, test_examples=1000),
-    "tiny": dict(vocab=64, lengths=[32], widths=[64], lrs=[3e-3], steps=300, batch=64, eval_every=50,
+    "tiny": dict(models=["attention", "hybrid 1:1"], vocab=64, lengths=[32], widths=[64], lrs=[3e-3], steps=400, batch=64, eval_every=25,
                  test_examples=256),
 }
 STOP_AT = 0.99  # held-out accuracy that ends a run early
@@ -102,7 +102,7 @@ def run_point(model: str, width: int, length: int, lr: float, steps: int, size: 
     plan, layers = MODELS[model]
     pairs = pairs_for(length)
     net = common.build_model(plan, num_layers=layers, hidden_size=width, vocab_size=spec["vocab"], device=dev,
-                             seed=seed, feed_forward=False, num_heads=1, max_length=length)
+                             seed=seed, num_heads=1, max_length=length)
     train_gen = torch.Generator(dev).manual_seed(seed)
     test_gen = torch.Generator(dev).manual_seed(seed + 1_000_003)
     test = [mqar_batch(min(250, spec["test_examples"]), length, pairs, spec["vocab"], test_gen)
@@ -160,7 +160,7 @@ def plot(best: dict, models: list[str], widths: list[int], lengths: list[int], p
 
 def main(argv=None) -> dict:
     p = common.parser(__doc__)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all four (tiny: attention, hybrid 1:1)")
     p.add_argument("--widths", nargs="+", type=int, help="default: 64 128 256 (tiny: 64)")
     p.add_argument("--lengths", nargs="+", type=int, help="default: 64 128 256 (tiny: 32)")
     p.add_argument("--lrs", nargs="+", type=float, help="default: 1e-3 3.2e-3 1e-2 (tiny: 3e-3)")
@@ -171,6 +171,7 @@ def main(argv=None) -> dict:
     spec = SIZES[size]
     steps = args.steps or spec["steps"]
     device = common.resolve_device(args.device)
+    args.models = args.models or spec["models"]
     widths, lengths, lrs = args.widths or spec["widths"], args.lengths or spec["lengths"], args.lrs or spec["lrs"]
     workers = args.workers or (8 if device.type == "cuda" else 1)
     jobs = [dict(model=m, width=w, length=n, lr=lr, steps=steps, size=size, device=str(device), seed=args.seed,
