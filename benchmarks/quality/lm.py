@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
         plt.close(fig)
     notes = [
         f"{size} size, seed {args.seed}: {spec['layers']} layers, width {spec['width']}, vocabulary {len(tokenizer)}; "
-        f"{spec['steps']} steps of {spec['batch']} x {spec['seq_len']} tokens ({records[0]['tokens'] / 1e6:.2f}M tokens "
+        f"{spec['steps']} steps of {spec['batch']} x {spec['seq_len']} tokens ({records[0]['tokens']:,} tokens "
         f"per model, the same batches for all), lr {spec['lr']}; corpus {spec['corpus_mb']} MB of "
         f"{'the standard library' if args.corpus is None else args.corpus}; held-out perplexity over "
         f"{eval_blocks.numel():,} tokens.",
