@@ -349,13 +349,18 @@ def train_tokenizer(
         special_tokens=list(tokens.values()),
         initial_alphabet=_byte_alphabet(),
     )
-    backend.train_from_iterator(texts, trainer=trainer, length=num_blocks)
+    characters = 0
+
+    def counted(blocks):
+        nonlocal characters
+        for block in blocks:
+            characters += len(block)
+            yield block
+
+    backend.train_from_iterator(counted(texts), trainer=trainer, length=num_blocks)
+    if characters == 0:
+        raise ValueError("the corpus is empty: there is no text to train on; pass files or texts that hold some")
     trained = json.loads(backend.to_str())["model"]
-    if not trained["merges"]:
-        raise ValueError(
-            f"the corpus gave no merges (it is empty, or no pair of symbols occurs {max(min_frequency, 1)} times); "
-            f"train on more text, or lower min_frequency"
-        )
     if len(trained["vocab"]) < vocab_size:
         logger.warning(
             f"trained {len(trained['vocab'])} tokens, not the {vocab_size} asked for: no more pairs of symbols occur "

@@ -1,0 +1,312 @@
+"""Shared pieces of the quality scripts: arguments, model plans, the training loop, tables, figures.
+
+The scripts beside this file (`mqar.py`, `arithmetic.py`, `lm.py`) each define a task and a grid of runs; this
+module holds everything they have in common, so there is one training loop with one progress bar and one way to
+write a result (`<name>.md` table, `<name>.json` records, `<name>.png` figure in `--out-dir`).
+
+Only hybrid_lm's public API is used: `HybridLMConfig(...)`, `HybridLMForCausalLM(config)` and the forward's
+`.loss` / `.logits`, so the scripts measure what a user gets.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `python benchmarks/quality/x.py` from anywhere imports this checkout's package
+    sys.path.insert(0, str(ROOT))
+
+import hybrid_lm  # noqa: E402
+
+DEFAULT_OUT_DIR = ROOT / "benchmarks" / "quality" / "results"
+
+# Token-mixer plans by name. Hybrids put a Mamba layer first: it carries position (causal conv + scan), which the
+# attention layers after it need, as in Jamba (attention has no RoPE there).
+PLANS = {
+    "attention": lambda layers: ["attention"] * layers,
+    "mamba": lambda layers: ["mamba"] * layers,
+    "1:1": lambda layers: ["mamba" if i % 2 == 0 else "attention" for i in range(layers)],
+    "1:3": lambda layers: ["attention" if i % 4 == 2 else "mamba" for i in range(layers)],  # Jamba's period 4, offset 2
+}
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every script has; each script adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    p.add_argument("--tiny", action="store_true", help="a small instance that runs on a 2-core CPU in under 2 minutes")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the .md/.json/.png go (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every model initialisation and data stream")
+    p.add_argument("--no-plot", action="store_true", help="write no figure (matplotlib is then not needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} asked for, but torch {torch.__version__} sees no CUDA GPU")
+    return device
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that reproduces this run, as a user would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    args = sys.argv[1:] if argv is None else argv
+    return "PYTHONPATH=. python " + " ".join(shlex.quote(str(a)) for a in [script, *args])
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def build_model(plan: str | list[str], *, num_layers: int, hidden_size: int, vocab_size: int, device: torch.device,
+                seed: int, intermediate_size: int | None = None, feed_forward: bool = True, num_experts: int = 1,
+                num_heads: int = 4, num_kv_heads: int | None = None, rope_for_pure_attention: bool = True,
+                max_length: int = 4096, **overrides) -> hybrid_lm.HybridLMForCausalLM:
+    """A HybridLMForCausalLM from a plan name (see PLANS) or an explicit list of mixers.
+
+    feed_forward=False gives layers without a feed-forward block (Zoology's Identity state mixer). num_experts > 1
+    puts a mixture of experts (top-2) on every second layer (Jamba's expert period 2, offset 1), dense MLPs
+    elsewhere. A pure attention stack gets RoPE (nothing else would tell it positions); hybrids and Mamba do not.
+    """
+    block_types = PLANS[plan](num_layers) if isinstance(plan, str) else list(plan)
+    if not feed_forward:
+        ffn = [0] * num_layers
+    else:
+        ffn = [num_experts if (num_experts > 1 and i % 2 == 1) else 1 for i in range(num_layers)]
+    pure_attention = all(t == "attention" for t in block_types)
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        intermediate_size=intermediate_size if intermediate_size is not None else hidden_size * 11 // 4,
+        layers_block_type=block_types, layers_num_experts=ffn, num_experts=max(num_experts, 2),
+        num_experts_per_tok=2, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
+        mamba_d_state=16, use_rope=pure_attention and rope_for_pure_attention, max_position_embeddings=max_length,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        kernel_backend="auto", output_router_logits=num_experts > 1,
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return hybrid_lm.HybridLMForCausalLM(hybrid_lm.HybridLMConfig(**fields)).to(device)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(total, active per token), embeddings included; experts a token is not routed to are not active."""
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name or name.endswith(".experts"))
+    n, k = config.num_experts, config.num_experts_per_tok
+    return total, total - (experts * (n - k) // n if experts else 0)
+
+
+def plan_label(model) -> str:
+    types = model.config.layers_block_type
+    a, m = types.count("attention"), types.count("mamba")
+    mixers = "attention" if m == 0 else "mamba" if a == 0 else f"a:m {a}:{m}"
+    moe = sum(1 for n in model.config.layers_num_experts if n > 1)
+    return f"{len(types)} layers, {mixers}" + (f", MoE on {moe} (n {model.config.num_experts}, K 2)" if moe else "")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # training loss at every step
+    evals: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics) at every evaluation
+    steps: int = 0  # steps taken (fewer than asked when stop_when fired)
+    tokens: int = 0  # tokens fed to the model
+    seconds: float = 0.0  # training wall time, evaluations excluded
+    diverged: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, device: torch.device,
+          weight_decay: float = 0.1, warmup: float = 0.05, evaluate: Callable[[], dict] | None = None,
+          eval_every: int = 0, stop_when: Callable[[dict], bool] | None = None, desc: str = "train",
+          progress: bool = True) -> TrainResult:
+    """AdamW with linear warm-up and cosine decay to 10%, gradient clipping at 1, bf16 autocast on CUDA.
+
+    next_batch(step) returns the model's keyword arguments (input_ids, labels, ...); the loss is the model's own
+    `.loss`. evaluate() runs every eval_every steps and at the end (in eval mode, without gradients); training
+    stops early once stop_when(metrics) is true. A non-finite loss ends the run and marks it diverged.
+    """
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms, biases, A_log, D
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98),
+                                  fused=device.type == "cuda")
+    warmup_steps = max(1, int(warmup * steps))
+
+    def schedule(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    result = TrainResult()
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+
+    def run_eval(step):
+        model.eval()
+        with torch.no_grad(), autocast:
+            metrics = evaluate()
+        model.train()
+        result.evals.append((step, metrics))
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
+        return metrics
+
+    model.train()
+    pending = []  # losses still on the device: reading each one would synchronise every step
+    for step in range(steps):
+        batch = next_batch(step)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        pending.append(loss.detach())
+        synchronize(device)
+        result.seconds += time.perf_counter() - start
+        result.tokens += batch["input_ids"].numel()
+        result.steps = step + 1
+        bar.update(1)
+        last = step + 1 == steps
+        if len(pending) >= 50 or last or (eval_every and (step + 1) % eval_every == 0):
+            result.losses.extend(torch.stack(pending).float().tolist())
+            pending.clear()
+            bar.set_description(f"{desc} loss {result.losses[-1]:.3f}", refresh=False)
+            if not math.isfinite(result.losses[-1]):
+                result.diverged = True
+                break
+        if evaluate is not None and (last or (eval_every and (step + 1) % eval_every == 0)):
+            metrics = run_eval(step + 1)
+            if stop_when is not None and stop_when(metrics):
+                break
+    if evaluate is not None and (not result.evals or result.evals[-1][0] != result.steps):
+        run_eval(result.steps)
+    bar.close()
+    return result
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_jobs(function: Callable, jobs: list[dict], *, workers: int, desc: str, progress: bool = True) -> list:
+    """function(**job) for every job, in `workers` processes (1: in this one), results in the order of jobs.
+
+    Small models on a GPU are bound by kernel launches, not by the GPU: several processes sharing it get through a
+    grid several times faster than one. `function` must be a module-level function of an importable module.
+    """
+    results = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, dynamic_ncols=True)
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = function(**job)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            futures = {pool.submit(function, **job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+    bar.close()
+    return results
+
+
+def _worker_init():
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // 8)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def markdown_table(header: list[str], rows: Iterable[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    import transformers
+    return f"{device}, torch {torch.__version__}, transformers {transformers.__version__}, hybrid_lm {hybrid_lm.__version__}"
+
+
+def write_results(out_dir: Path, name: str, *, title: str, command: str, notes: list[str], table: str,
+                  records: list[dict], figure: Path | None) -> Path:
+    """Prints the table and writes `<name>.md` (ready to paste into RESULTS.md) and `<name>.json`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"### {title}", "", "```", f"$ {command}", "```", "", f"Machine: {environment()}.", ""]
+    lines += [f"- {note}" for note in notes] + [""] + [table, ""]
+    if figure is not None:
+        lines += [f"![{title}]({figure.name})", ""]
+    text = "\n".join(lines)
+    path = out_dir / f"{name}.md"
+    path.write_text(text)
+    (out_dir / f"{name}.json").write_text(json.dumps({"command": command, "records": records}, indent=1, default=_jsonable))
+    print("\n" + text)
+    print(f"wrote {path}, {path.with_suffix('.json')}" + (f", {figure}" if figure else ""))
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, TrainResult):
+        return asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def pyplot(no_plot: bool):
+    """matplotlib.pyplot (Agg backend), or None when plots are off or matplotlib is missing (said once)."""
+    if no_plot:
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed, so no figure is written: pip install matplotlib")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
