@@ -681,11 +681,22 @@ class HybridLMModel(HybridLMPreTrainedModel):
     def _embed(self, input_ids, inputs_embeds, check_ids: bool) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"{name} must be a torch.Tensor, got {type(value).__name__}; call the tokenizer with "
+                    "return_tensors='pt', or wrap the ids in torch.tensor([...])"
+                )
         if inputs_embeds is not None:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(
                     f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
                     f"got {tuple(inputs_embeds.shape)}"
+                )
+            if inputs_embeds.dtype != self.embed_tokens.weight.dtype:
+                raise TypeError(
+                    f"inputs_embeds has dtype {inputs_embeds.dtype}, the model {self.embed_tokens.weight.dtype}; "
+                    f"convert them with inputs_embeds.to({self.embed_tokens.weight.dtype})"
                 )
             embeds = inputs_embeds
         else:
@@ -693,8 +704,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
                 raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
                 raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                input_ids = input_ids.long()  # nn.Embedding takes int32 / int64 indices only
             if check_ids and input_ids.numel():  # one device sync
-
                 low, high = torch.stack(torch.aminmax(input_ids)).tolist()
                 if low < 0 or high >= self.config.vocab_size:
                     bad = high if high >= self.config.vocab_size else low
@@ -705,6 +717,8 @@ class HybridLMModel(HybridLMPreTrainedModel):
             embeds = self.embed_tokens(input_ids)
         if embeds.shape[1] == 0:
             raise ValueError("the input has no tokens (sequence length 0); pass at least one token per row")
+        if embeds.shape[0] == 0:
+            raise ValueError("the batch is empty (batch size 0); pass at least one row")
         return embeds
 
     def _check_cache(self, cache) -> None:
@@ -852,6 +866,11 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
+            if logits_to_keep < 0:
+                raise ValueError(
+                    f"logits_to_keep ({logits_to_keep}) must be >= 0: the number of last positions to compute logits "
+                    "for (0 = all), or a tensor of position indices"
+                )
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
@@ -859,6 +878,11 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+                raise TypeError(
+                    f"labels must be a tensor of integer token ids (-100 = ignore), got "
+                    f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+                )
             if labels.shape != outputs.last_hidden_state.shape[:2]:
                 raise ValueError(
                     f"labels must have the shape of input_ids {tuple(outputs.last_hidden_state.shape[:2])}, "

@@ -198,6 +198,22 @@ def test_bad_inputs_get_clear_errors():
         model()
 
 
+def test_more_bad_inputs_get_clear_errors_not_raw_ones():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got list.*return_tensors='pt'"):
+        model([[1, 2, 3]])
+    with pytest.raises(TypeError, match=r"inputs_embeds has dtype torch.float64, the model torch.float32"):
+        model(inputs_embeds=torch.zeros(1, 3, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch is empty"):
+        model(torch.zeros(0, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits_to_keep \(-1\) must be >= 0"):
+        model(ids(), logits_to_keep=-1)
+    with pytest.raises(TypeError, match="labels must be a tensor of integer token ids"):
+        model(ids(), labels=ids().float())
+    small = ids().to(torch.int16)  # the check admits int8/int16/uint8 ids: they are embedded like int64 ones
+    torch.testing.assert_close(model(small).logits, model(ids()).logits)
+
+
 def test_sequence_classification_uses_the_last_real_token():
     torch.manual_seed(0)
     model = hybrid_lm.HybridLMForSequenceClassification(tiny_config(num_labels=3)).eval()
