@@ -99,8 +99,10 @@ def test_sampling_with_a_seed_is_reproducible():
     assert runs[0].shape == (6, 19)
 
 
-def test_generation_continues_from_a_returned_cache():
-    model = tiny_model(**NO_EOS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_generation_continues_from_a_returned_cache(layout):
+    """The cache knows how many tokens it holds (Mamba-only stacks too), so generate feeds only the new ones."""
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
     input_ids = prompt()
     first = model.generate(input_ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     cache = getattr(first, CACHE_NAME)

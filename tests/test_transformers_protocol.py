@@ -214,3 +214,22 @@ def test_torch_export_of_a_forward_without_cache():
     exported = torch.export.export(model, (), kwargs={"input_ids": ids, "use_cache": False})
     torch.testing.assert_close(exported.module()(input_ids=ids, use_cache=False).logits,
                                model(ids, use_cache=False).logits)
+
+
+def test_a_missing_untied_head_is_reported_loudly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model(tie_word_embeddings=False).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        _, info = hybrid_lm.HybridLMForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert "lm_head.weight" in set(info["missing_keys"])
+    assert any("lm_head.weight" in message and "MISSING" in message for message in logged), logged
