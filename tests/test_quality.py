@@ -15,7 +15,6 @@ QUALITY = Path(__file__).resolve().parent.parent / "benchmarks" / "quality"
 sys.path.insert(0, str(QUALITY))
 
 import arithmetic  # noqa: E402
-import lm  # noqa: E402
 import mqar  # noqa: E402
 
 

@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
             blocks = train_set.blocks[order[step]].to(device)
             return {"input_ids": blocks, "labels": blocks}
 
-        def evaluate():
+        def evaluate(model=model):  # bound now: the loop rebinds and deletes `model`
             losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.float().item()
                       for b in eval_blocks.split(spec["batch"])]
             return {"loss": sum(losses) / len(losses)}
