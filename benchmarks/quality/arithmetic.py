@@ -207,10 +207,7 @@ def main(argv=None) -> dict:
         right.set_ylabel("answer loss (smoothed)")
         for ax in (left, right):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        figure = args.out_dir / "arithmetic.png"
-        fig.savefig(figure, dpi=120)
-        plt.close(fig)
+        figure = common.save_figure(fig, args.out_dir / "arithmetic.png", plt)
     notes = [
         f"{size} size, seed {args.seed}: model {common.plan_label(model)}, width {spec['width']}, "
         f"{records[0]['parameters'] / 1e6:.2f}M parameters; {spec['steps']} steps of {spec['batch']} problems "

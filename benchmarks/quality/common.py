@@ -301,6 +301,14 @@ def pyplot(no_plot: bool):
     return plt
 
 
+def save_figure(fig, path: Path, plt) -> Path:
+    """Lays out, writes (PNG, 120 dpi) and closes `fig`; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (the first points average what there is)."""
     out, total = [], 0.0

@@ -139,10 +139,7 @@ def main(argv=None) -> dict:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        figure = args.out_dir / "lm.png"
-        fig.savefig(figure, dpi=120)
-        plt.close(fig)
+        figure = common.save_figure(fig, args.out_dir / "lm.png", plt)
     notes = [
         f"{size} size, seed {args.seed}: {spec['layers']} layers, width {spec['width']}, vocabulary {len(tokenizer)}; "
         f"{spec['steps']} steps of {spec['batch']} x {spec['seq_len']} tokens ({records[0]['tokens']:,} tokens "

@@ -154,9 +154,7 @@ def plot(best: dict, models: list[str], widths: list[int], lengths: list[int], p
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy (best lr)")
     axes[0][-1].legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, plt)
     return path
 
 
