@@ -73,8 +73,9 @@ class HybridLMSparseMoeBlock(nn.Module):
         batch, length, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (T, H)
         _, top_k_weights, top_k_index = self.router(tokens)
-        if self.experts_are_grouped():
-            output = self._grouped_forward(tokens, top_k_weights, top_k_index)
+        projections = self._grouped_projections()  # inspected once a forward
+        if projections is not None:
+            output = self._grouped_forward(tokens, top_k_weights, top_k_index, projections)
         elif torch.compiler.is_compiling():
             output = self._dense_forward(tokens, top_k_weights, top_k_index)
         else:
@@ -102,9 +103,10 @@ class HybridLMSparseMoeBlock(nn.Module):
             projections[name] = ([layer.base_layer for layer in layers], adapters)
         return projections
 
-    def _grouped_forward(self, tokens, top_k_weights, top_k_index):
+    def _grouped_forward(self, tokens, top_k_weights, top_k_index, projections=None):
+        """projections: what `_grouped_projections` returns (looked up when not given)."""
         num_tokens, top_k = top_k_index.shape
-        projections = self._grouped_projections()
+        projections = projections if projections is not None else self._grouped_projections()
         (gate_layers, gate_adapters), (up_layers, up_adapters), (down_layers, down_adapters) = (
             projections["gate_proj"], projections["up_proj"], projections["down_proj"])
         # 1. sort the (token, slot) pairs by expert; offsets per expert stay on the device
