@@ -1,14 +1,15 @@
-"""Greedy generation speed on a GPU, side by side in one run: hybrid_lm (dynamic cache, eager; static cache, which
-transformers' generate compiles with CUDA graphs), transformers' JambaForCausalLM on the same weights (with the
-mamba-ssm / causal-conv1d kernels when they import), and mamba-ssm's `MambaLMHeadModel.generate(cg=True)` on a dense
-hybrid beside hybrid_lm's same dense model (`num_experts=1`).
+"""Greedy generation speed on a GPU, side by side in one run: hybrid_lm (dynamic cache, eager; and the default path:
+a static cache the model keeps, whose decode step transformers compiles with CUDA graphs), transformers'
+JambaForCausalLM on the same weights (with the mamba-ssm / causal-conv1d kernels when they import), and mamba-ssm's
+`MambaLMHeadModel.generate(cg=True)` on a dense hybrid beside hybrid_lm's same dense model (`num_experts=1`).
 
     python benchmarks/generate.py [--engines ...] [--batch 1 16] [--prompt 128] [--new 256] [--config bench|dense]
 
-Per engine, batch and prompt length: time to first token (a generate of one new token), ms per decode step
-((time for `--new` tokens - time to first token) / (new - 1)), tokens/s (batch x new / total time), peak memory,
-and the bandwidth floor of a decode step (the bytes of the weights one token reads / the copy bandwidth measured
-here). The greedy tokens of every hybrid_lm path are compared with the eager dynamic path.
+Per engine, batch and prompt length: time to first token (a generate of one new token; for hybrid_lm also as a
+multiple of one prefill forward), ms per decode step ((time for `--new` tokens - time to first token) / (new - 1)),
+tokens/s (batch x new / total time), peak memory, the time of the first call (compilation and graph capture
+included), and the bandwidth floor of a decode step (the bytes of the weights one token reads / the copy bandwidth
+measured here). The greedy tokens of every hybrid_lm path are compared with the eager dynamic path.
 """
 
 import argparse
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conversion"))
 
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM  # noqa: E402
 from hybrid_lm.hub_hybrid_lm import parameter_counts  # noqa: E402
-from hybrid_lm.transformers_compat import CACHE_NAME  # noqa: E402
 
 CONFIGS = {
     # the 426M bench config of the issues: a:m 1:7, MoE every 2nd layer
@@ -59,11 +59,12 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / seconds
 
 
-def measure(name, generate, batch, prompt_len, new, reference=None):
-    """generate(input_ids, max_new_tokens) -> (B, prompt + new) ids."""
+def measure(name, generate, batch, prompt_len, new, reference=None, prefill=None):
+    """generate(input_ids, max_new_tokens) -> (B, prompt + new) ids; prefill(input_ids) runs one forward of the
+    prompt (the floor of the time to the first token)."""
     torch.manual_seed(0)
     ids = torch.randint(3, 32000, (batch, prompt_len), device="cuda")
-    generate(ids, new)  # warm-up: kernels, compilation and graph capture
+    warm_up = timed(lambda: generate(ids, new))  # kernels, compilation and graph capture
     generate(ids, 1)
     torch.cuda.reset_peak_memory_stats()
     first = min(timed(lambda: generate(ids, 1)) for _ in range(2))
@@ -76,30 +77,30 @@ def measure(name, generate, batch, prompt_len, new, reference=None):
     total = min(timed(run) for _ in range(2))
     step = (total - first) / (new - 1)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    ttft = f"TTFT {first * 1e3:8.1f} ms"
+    if prefill is not None:
+        ttft += f" ({first / min(timed(lambda: prefill(ids)) for _ in range(2)):.2f}x prefill)"
     same = "" if reference is None else ("  same tokens" if torch.equal(out, reference) else
                                          f"  {(out != reference).sum().item()} tokens differ")
-    print(f"{name:>28} bs {batch:>3} prompt {prompt_len:>5}: TTFT {first * 1e3:8.1f} ms  {step * 1e3:7.2f} ms/step  "
-          f"{batch * new / total:9.0f} tok/s  peak {peak:5.1f} GiB{same}", flush=True)
+    print(f"{name:>28} bs {batch:>3} prompt {prompt_len:>5}: {ttft}  {step * 1e3:7.2f} ms/step  "
+          f"{batch * new / total:9.0f} tok/s  peak {peak:5.1f} GiB  first call {warm_up:5.1f} s{same}", flush=True)
     return out
 
 
-def hybrid_generate(model, static_length=None):
-    """Greedy generate; with `static_length`, from one transformers StaticCache of that length, reset before each
-    call (one cache shape, so transformers' compiled decode step and its CUDA graphs are captured once)."""
-    cache = None
-    if static_length is not None:
-        from transformers import StaticCache
-
-        cache = StaticCache(config=model.config, max_cache_len=static_length)
-
+def hybrid_generate(model, cache_implementation=None):
+    """Greedy generate; `cache_implementation=None` is the default path (on CUDA: a static cache the model keeps,
+    transformers' compiled decode step and its CUDA graphs, recorded on the first call of a shape)."""
     def generate(ids, new):
-        kwargs = {}
-        if cache is not None:
-            cache.reset()
-            kwargs[CACHE_NAME] = cache
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, **kwargs)
+                              pad_token_id=0, cache_implementation=cache_implementation)
     return generate
+
+
+def prefill_forward(model):
+    def prefill(ids):
+        with torch.no_grad():
+            return model(ids, logits_to_keep=1)
+    return prefill
 
 
 def jamba_model(model):
@@ -130,12 +131,12 @@ def mamba_ssm_model(config):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, default="bench")
-    parser.add_argument("--engines", nargs="+", default=["eager", "static", "jamba", "mamba_ssm"])
+    parser.add_argument("--engines", nargs="+", default=["eager", "graphs", "jamba", "mamba_ssm"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt", type=int, nargs="+", default=[128])
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--profile", action="store_true",
-                        help="profile the decode steps of the static path at the first batch size and print where the time goes")
+                        help="profile the default (graph) path's decode steps at the first batch size: where the time goes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -151,18 +152,18 @@ def main():
         profile_static(model, args.batch[0], args.prompt[0], args.new)
     for prompt_len in args.prompt:
         engines = {
-            "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model)),
-            "static": lambda: ("hybrid_lm static (graphs)", hybrid_generate(model, prompt_len + args.new)),
-            "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model))),
-            "mamba_ssm": lambda: ("mamba-ssm cg=True (dense)", mamba_ssm_generate(model.config)),
+            "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model, "dynamic"), prefill_forward(model)),
+            "graphs": lambda: ("hybrid_lm default (graphs)", hybrid_generate(model), prefill_forward(model)),
+            "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model)), None),
+            "mamba_ssm": lambda: ("mamba-ssm cg=True (dense)", mamba_ssm_generate(model.config), None),
         }
         for batch in args.batch:
             reference = None
             for engine in args.engines:
                 try:
-                    name, generate = engines[engine]()
+                    name, generate, prefill = engines[engine]()
                     out = measure(name, generate, batch, prompt_len, args.new,
-                                  reference if engine == "static" else None)
+                                  reference if engine == "graphs" else None, prefill)
                     if engine == "eager":
                         reference = out
                 except Exception as error:  # report the engine that could not run, and go on with the others
@@ -172,16 +173,16 @@ def main():
 
 
 def profile_static(model, batch, prompt_len, new):
-    """torch.profiler over one generate of the static (compiled, CUDA-graph) path, after a warm-up."""
+    """torch.profiler over one default (compiled, CUDA-graph) generate, after a warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    generate = hybrid_generate(model, prompt_len + new)
+    generate = hybrid_generate(model)
     ids = torch.randint(3, 32000, (batch, prompt_len), device="cuda")
     generate(ids, new)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate(ids, new)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
 
 

@@ -16,6 +16,7 @@ hd = head dim.
 """
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ from .feed_forward_hybrid_lm import (
     load_balancing_loss,
     router_z_loss,
 )
+from .generation_hybrid_lm import StaticDecodingCaches, static_decoding_kwargs
 from .hub_hybrid_lm import push_folder_to_hub
 from .loading_checks import check_weight_files
 from .mamba_ops import (
@@ -830,7 +832,21 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
         self.model = HybridLMModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.static_decoding_caches = StaticDecodingCaches()
         self.post_init()
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' `generate`. On a CUDA device, unless the call names its cache, it decodes from a static
+        cache this model keeps between calls, so the decode step transformers compiles (CUDA graphs) is recorded
+        once per batch size and replayed afterwards (see generation_hybrid_lm.py; `cache_implementation="dynamic"`
+        opts out). This is the one reason to wrap transformers' method: it cannot keep a cache across calls."""
+        static = static_decoding_kwargs(self, inputs, generation_config, kwargs)
+        if static is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        output = super().generate(inputs, **static)
+        if not isinstance(output, torch.Tensor) and output.get(CACHE_NAME) is static[CACHE_NAME]:
+            output[CACHE_NAME] = copy.deepcopy(output[CACHE_NAME])  # the next call resets the kept one
+        return output
 
     @can_return_tuple
     @accepts_cache_alias

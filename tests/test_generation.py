@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, JambaForCausalLM, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 import hybrid_lm
 from hybrid_lm.transformers_compat import CACHE_NAME
@@ -213,14 +214,108 @@ def test_static_cache_gives_the_dynamic_cache_tokens(layout, mode):
     torch.testing.assert_close(runs[1], runs[0])
 
 
+@pytest.fixture
+def kept_static_caches(monkeypatch):
+    """The CUDA default (a static cache the model keeps between generate calls) on this device: the same code
+    path, without the graphs transformers adds on a GPU."""
+    from hybrid_lm import generation_hybrid_lm
+
+    monkeypatch.setattr(generation_hybrid_lm, "records_graphs", lambda model: True)
+
+
+@pytest.mark.parametrize("mode", STATIC_MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kept_static_cache_gives_the_dynamic_cache_tokens(layout, mode, kept_static_caches):
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    input_ids = prompt(batch=3, length=8)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    runs = []
+    for cache in ("dynamic", None, None):  # the second default call reuses the first one's cache
+        torch.manual_seed(7)
+        runs.append(model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8,
+                                   cache_implementation=cache, **STATIC_MODES[mode]))
+    assert len(model.static_decoding_caches) == 1
+    torch.testing.assert_close(runs[1], runs[0])
+    torch.testing.assert_close(runs[2], runs[0])
+
+
+def test_kept_static_caches_are_reused_grown_and_bounded(kept_static_caches):
+    from hybrid_lm.generation_hybrid_lm import KEPT_CACHES, LENGTH_STEP
+
+    model = tiny_model(**NO_EOS)
+    caches = model.static_decoding_caches
+    out = model.generate(prompt(batch=2), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    (first,) = [kept for *_, kept in caches._caches.values()]
+    assert caches._caches[2][2] == LENGTH_STEP
+    returned = getattr(out, CACHE_NAME)
+    assert returned is not first and returned.get_seq_length() == 9 + 4 - 1  # a copy the next call leaves alone
+    greedy(model, prompt(batch=2, seed=1), n=5)
+    assert [kept for *_, kept in caches._caches.values()] == [first]  # same shape: the same cache, reset
+    assert returned.get_seq_length() == 9 + 4 - 1
+    greedy(model, prompt(batch=2, length=LENGTH_STEP), n=3)  # longer: a new cache of the next step
+    (grown,) = [kept for *_, kept in caches._caches.values()]
+    assert grown is not first and caches._caches[2][2] == 2 * LENGTH_STEP
+    for batch in range(3, 3 + KEPT_CACHES):
+        greedy(model, prompt(batch=batch), n=2)
+    assert sorted(caches._caches) == list(range(3, 3 + KEPT_CACHES))  # batch 2, the least recently used, went
+
+
+def test_kept_static_cache_stays_out_of_the_way(kept_static_caches, caplog):
+    """A call that names its cache decodes from it; one the static path cannot serve says why, once."""
+    model = tiny_model(**NO_EOS)
+    input_ids = prompt()
+    given = DynamicCache(config=model.config)
+    greedy(model, input_ids, **{CACHE_NAME: given})
+    greedy(model, input_ids, use_cache=False)
+    greedy(model, input_ids, cache_implementation="dynamic")
+    assert len(model.static_decoding_caches) == 0 and given.get_seq_length() > 0
+
+    model.hf_device_map = {"model": "cpu", "lm_head": "disk"}  # what from_pretrained(device_map=...) records
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            offloaded = greedy(model, input_ids)
+            greedy(model, input_ids)
+    finally:
+        hf_logging.disable_propagation()
+    reasons = [r.getMessage() for r in caplog.records if "not the static one" in r.getMessage()]
+    assert len(reasons) == 1 and "spread over ['cpu', 'disk']" in reasons[0]
+    assert len(model.static_decoding_caches) == 0
+    torch.testing.assert_close(offloaded, greedy(model, input_ids, cache_implementation="dynamic"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_static_cache_graph_path_gives_the_eager_tokens_on_the_gpu():
-    """cache_implementation="static" on CUDA: transformers compiles the decode step (CUDA graphs); in float32 it
-    gives the eager dynamic path's greedy tokens for 64 steps, across batch sizes (a re-capture each)."""
+def test_default_cuda_generate_decodes_with_graphs_and_gives_the_eager_tokens():
+    """On CUDA, plain generate decodes from a kept static cache (transformers compiles the step: CUDA graphs). In
+    float32 it gives the eager dynamic path's greedy tokens for 64 steps, across batch sizes and a re-capture for a
+    longer call; the explicit cache_implementation="static" takes the same path."""
+    from hybrid_lm.generation_hybrid_lm import LENGTH_STEP
+
     model = tiny_model(**NO_EOS).cuda()
+    for batch, length in ((1, 9), (3, 9), (16, 9), (3, LENGTH_STEP)):
+        input_ids = prompt(batch=batch, length=length).cuda()
+        eager = greedy(model, input_ids, n=64, cache_implementation="dynamic")
+        static = greedy(model, input_ids, n=64)
+        torch.testing.assert_close(static, eager, msg=f"batch {batch}, prompt {length}")
+        torch.testing.assert_close(greedy(model, input_ids, n=64, cache_implementation="static"), eager)
+    assert len(model.static_decoding_caches) == 3
+    assert hasattr(model, "_compiled_call")  # transformers compiled the decode step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_cuda_generate_in_bf16_has_the_eager_logits_within_bf16_tolerance():
+    """bf16: the graph path's logits match eager decoding's within bf16 rounding, step by step, as long as the
+    two have picked the same tokens (greedy ties may then diverge)."""
+    model = tiny_model(**NO_EOS).cuda().to(torch.bfloat16)
     for batch in (1, 3, 16):
-        input_ids = prompt(batch=batch, length=9).cuda()
-        eager = greedy(model, input_ids, n=64)
-        static = greedy(model, input_ids, n=64, cache_implementation="static")
-        torch.testing.assert_close(static, eager, msg=f"batch {batch}")
+        input_ids = prompt(batch=batch).cuda()
+        runs = [model.generate(input_ids, max_new_tokens=32, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, cache_implementation=cache) for cache in ("dynamic", None)]
+        eager, static = (torch.stack(run.logits, 1).float() for run in runs)  # (B, steps, V)
+        same = (runs[0].sequences == runs[1].sequences)[:, input_ids.shape[1]:].cumprod(1).bool()
+        assert same[:, :8].all(), f"batch {batch}: tokens diverged within 8 steps"
+        scale = eager.abs().amax(-1, keepdim=True)
+        assert ((static - eager).abs() / scale)[same].max() < 0.05, f"batch {batch}"
