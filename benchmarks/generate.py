@@ -14,17 +14,16 @@ measured here). The greedy tokens of every hybrid_lm path are compared with the 
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conversion"))
 
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM  # noqa: E402
 from hybrid_lm.hub_hybrid_lm import parameter_counts  # noqa: E402
+from anchors import jamba_model, mamba_ssm_model  # noqa: E402
 
 CONFIGS = {
     # the 426M bench config of the issues: a:m 1:7, MoE every 2nd layer
@@ -103,31 +102,6 @@ def prefill_forward(model):
     return prefill
 
 
-def jamba_model(model):
-    from convert import convert
-    from transformers import JambaForCausalLM
-
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(f"{folder}/hybrid")
-        convert(f"{folder}/hybrid", f"{folder}/jamba", target_format="jamba", verify=False)
-        return JambaForCausalLM.from_pretrained(f"{folder}/jamba", dtype=torch.bfloat16).cuda().eval()
-
-
-def mamba_ssm_model(config):
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-    attention_layers = [i for i, kind in enumerate(config.layers_block_type) if kind == "attention"]
-    mamba_config = MambaConfig(
-        d_model=config.hidden_size, n_layer=config.num_hidden_layers, d_intermediate=config.intermediate_size,
-        vocab_size=config.vocab_size, ssm_cfg={"layer": "Mamba1", "d_state": config.mamba_d_state},
-        attn_layer_idx=attention_layers,
-        attn_cfg={"num_heads": config.num_attention_heads, "num_heads_kv": config.num_key_value_heads},
-        rms_norm=True, residual_in_fp32=True, fused_add_norm=False, pad_vocab_size_multiple=8,
-    )
-    return MambaLMHeadModel(mamba_config, device="cuda", dtype=torch.bfloat16).eval()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, default="bench")
@@ -136,7 +110,7 @@ def main():
     parser.add_argument("--prompt", type=int, nargs="+", default=[128])
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--profile", action="store_true",
-                        help="profile the default (graph) path's decode steps at the first batch size: where the time goes")
+                        help="profile the default (graph) path's decode steps at the first batch size")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -154,7 +128,7 @@ def main():
         engines = {
             "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model, "dynamic"), prefill_forward(model)),
             "graphs": lambda: ("hybrid_lm default (graphs)", hybrid_generate(model), prefill_forward(model)),
-            "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model)), None),
+            "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model).eval()), None),
             "mamba_ssm": lambda: ("mamba-ssm cg=True (dense)", mamba_ssm_generate(model.config), None),
         }
         for batch in args.batch:

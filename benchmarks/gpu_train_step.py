@@ -1,10 +1,18 @@
-"""One bf16 training step (forward + backward + AdamW) of a Jamba-style hybrid on a GPU, per kernel backend.
+"""One bf16 training step (forward + backward + fused AdamW) on a GPU, side by side in one run: transformers'
+JambaForCausalLM with the mamba-ssm / causal-conv1d kernels, and hybrid_lm per kernel tier, eager and compiled, on
+the same config, weights and batch.
 
-    python benchmarks/gpu_train_step.py [--backends triton torch] [--batch 4] [--length 2048] [--repeats 5]
+    python benchmarks/gpu_train_step.py [--config bench|1.3b] [--engines jamba triton cuda triton+compile ...]
+                                        [--batch 4] [--length 2048] [--repeats 5]
 
-Same config, weights and batch for every backend; prints seconds per step, tokens/s, peak memory and
-the ratio of each backend to the first one. The default config is a ~0.5B-parameter Jamba-style model
-(hidden 1024, 8 layers, a:m 1:7, 8 experts top-2 every second layer).
+Engines: `jamba` (transformers' model, its mamba-ssm path when the kernels import), `torch` / `triton` / `cuda`
+(hybrid_lm's `kernel_backend`), each with `+compile` for `torch.compile(model)`. Per engine: ms per step, tokens/s,
+peak memory, MFU (model FLOPs per step / step time / the bf16 peak of the GPU) and the ratio to the first engine.
+
+Model FLOPs (PaLM's convention, counted from the config, the same for every engine): 6 x the active parameters a
+token goes through (embedding lookup excluded, lm_head included) per token, plus 6 x 2 x the causal attention
+score/value products (half of the L x L square), plus the selective scan (fwd about 9 FLOPs per channel and state,
+backward twice that).
 """
 
 import argparse
@@ -19,27 +27,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM  # noqa: E402
 from hybrid_lm.hub_hybrid_lm import parameter_counts  # noqa: E402
+from anchors import jamba_model  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=65536, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, attn_layer_period=8,
-    attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
-    num_attention_heads=16, num_key_value_heads=4, mamba_d_state=16,
-)
+SHAPE = dict(attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=8,
+             num_experts_per_tok=2, num_attention_heads=16, num_key_value_heads=4, mamba_d_state=16, vocab_size=32000)
+CONFIGS = {
+    # the issues' 426M bench config (219M active per token)
+    "bench": dict(SHAPE, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8),
+    # ~1.2B (about 0.5B active), trained at 8192 tokens a row
+    "1.3b": dict(SHAPE, hidden_size=2048, intermediate_size=4096, num_hidden_layers=8),
+}
+BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s, datasheet
+
+
+def model_flops(model, tokens_per_row: int, rows: int) -> float:
+    """Training FLOPs of one step (forward + backward), from the config."""
+    config = model.config
+    _, active = parameter_counts(model)
+    active -= model.model.embed_tokens.weight.numel()
+    if config.tie_word_embeddings:
+        active += model.lm_head.weight.numel()  # the tied head still multiplies
+    tokens = rows * tokens_per_row
+    attention_layers = sum(kind == "attention" for kind in config.layers_block_type)
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = 6 * 2 * attention_layers * config.num_attention_heads * head_dim * tokens_per_row * tokens / 2
+    d_inner = config.mamba_expand * config.hidden_size
+    scan = 3 * 9 * (config.num_hidden_layers - attention_layers) * d_inner * config.mamba_d_state * tokens
+    return 6 * active * tokens + attention + scan
 
 
 def step_seconds(model, optimizer, input_ids) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model(input_ids, labels=input_ids).loss.backward()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
+def build(engine: str, config: dict, state: dict):
+    backend, _, compiled = engine.partition("+")
+    model = HybridLMForCausalLM(HybridLMConfig(**config, kernel_backend="triton" if backend == "jamba" else backend))
+    model.load_state_dict(state)
+    model = model.to("cuda", torch.bfloat16)
+    if backend == "jamba":
+        model = jamba_model(model)
+    model.train()
+    return torch.compile(model) if compiled else model
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", nargs="+", default=["triton", "torch"])
+    parser.add_argument("--config", choices=CONFIGS, default="bench")
+    parser.add_argument("--engines", nargs="+", default=["jamba", "triton", "cuda", "triton+compile"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
@@ -48,31 +89,38 @@ def main():
         raise SystemExit("this benchmark needs a CUDA GPU")
 
     torch.manual_seed(0)
-    input_ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.length), device="cuda")
+    config = CONFIGS[args.config]
+    reference = HybridLMForCausalLM(HybridLMConfig(**config))
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    total, active = parameter_counts(reference)
+    flops = model_flops(reference, args.length, args.batch)
+    name = torch.cuda.get_device_name()
+    peak_flops = next((rate for chip, rate in BF16_PEAK.items() if chip in name), None)
+    print(reference.config.layer_plan().splitlines()[0])
+    print(f"parameters: {total / 1e6:.0f}M total, {active / 1e6:.0f}M active per token; batch {args.batch} x "
+          f"{args.length}; {flops / 1e12:.1f} TFLOP a step; {name}, torch {torch.__version__}")
+    del reference
+    input_ids = torch.randint(0, config["vocab_size"], (args.batch, args.length), device="cuda")
     tokens = args.batch * args.length
-    state = None
-    results = []
-    for backend in args.backends:
-        model = HybridLMForCausalLM(HybridLMConfig(**CONFIG, kernel_backend=backend)).to("cuda", torch.bfloat16)
-        if state is None:
-            state = {k: v.clone() for k, v in model.state_dict().items()}
-            total, active = parameter_counts(model)
-            print(model.config.layer_plan())
-            print(f"parameters: {total / 1e6:.0f}M total, {active / 1e6:.0f}M active per token; "
-                  f"batch {args.batch} x {args.length}; {torch.cuda.get_device_name()}, torch {torch.__version__}")
-        model.load_state_dict(state)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        for _ in range(2):
-            step_seconds(model, optimizer, input_ids)  # warm-up: kernel compilation, allocator
-        torch.cuda.reset_peak_memory_stats()
-        seconds = statistics.median(step_seconds(model, optimizer, input_ids) for _ in range(args.repeats))
+    first = None
+    for engine in args.engines:
+        try:
+            model = build(engine, config, state)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+            for _ in range(2):
+                step_seconds(model, optimizer, input_ids)  # warm-up: kernel compilation, allocator
+            torch.cuda.reset_peak_memory_stats()
+            seconds = statistics.median(step_seconds(model, optimizer, input_ids) for _ in range(args.repeats))
+        except Exception as error:  # report the engine that could not run, and go on with the others
+            print(f"{engine:>15}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            continue
+        finally:
+            model = optimizer = None
         peak = torch.cuda.max_memory_allocated() / 2**30
-        results.append((backend, seconds))
-        ratio = seconds / results[0][1]
-        print(f"{backend:>7}: {seconds * 1000:9.1f} ms/step  {tokens / seconds:10.0f} tokens/s  "
-              f"peak {peak:5.1f} GiB  ({ratio:.2f}x the time of {results[0][0]})")
-        del model, optimizer
+        first = first or (engine, seconds)
+        mfu = f"MFU {flops / seconds / peak_flops:5.1%}" if peak_flops else ""
+        print(f"{engine:>15}: {seconds * 1000:8.1f} ms/step  {tokens / seconds:9.0f} tokens/s  peak {peak:5.1f} GiB  "
+              f"{mfu}  ({first[1] / seconds:.2f}x the speed of {first[0]})", flush=True)
         torch.cuda.empty_cache()
 
 
