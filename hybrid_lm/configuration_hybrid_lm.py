@@ -72,6 +72,9 @@ class HybridLMConfig(PreTrainedConfig):
     Kernels:
         kernel_backend (`"auto"`, `"torch"`, `"triton"` or `"cuda"`): which implementation runs the
         Mamba ops. `"auto"` picks the fastest one present that passes a self-check.
+        fused_loss: in training mode, with labels, compute lm_head and the cross-entropy a chunk of tokens at a
+        time from the hidden states (`cross_entropy_ops.py`), never holding the full float32 logits; the output's
+        `logits` is then None. False returns the logits in training too (at their memory cost).
 
     Every inconsistent value raises a `ValueError` naming the field, the value and the rule.
     """
@@ -136,6 +139,7 @@ class HybridLMConfig(PreTrainedConfig):
     output_router_logits: bool = False
 
     kernel_backend: str = "auto"
+    fused_loss: bool = True
 
     def __post_init__(self, **kwargs):
         self._check_known_keys(kwargs)

@@ -53,6 +53,7 @@ from .feed_forward_hybrid_lm import (
     load_balancing_loss,
     router_z_loss,
 )
+from .cross_entropy_ops import linear_cross_entropy
 from .generation_hybrid_lm import StaticDecodingCaches, static_decoding_kwargs
 from .hub_hybrid_lm import push_folder_to_hub
 from .loading_checks import check_weight_files
@@ -881,32 +882,24 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            if logits_to_keep < 0:
-                raise ValueError(
-                    f"logits_to_keep ({logits_to_keep}) must be >= 0: the number of last positions to compute logits "
-                    "for (0 = all), or a tensor of position indices"
-                )
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
+        if isinstance(logits_to_keep, int) and logits_to_keep < 0:
+            raise ValueError(
+                f"logits_to_keep ({logits_to_keep}) must be >= 0: the number of last positions to compute logits "
+                "for (0 = all), or a tensor of position indices"
+            )
         if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-                raise TypeError(
-                    f"labels must be a tensor of integer token ids (-100 = ignore), got "
-                    f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
-                )
-            if labels.shape != outputs.last_hidden_state.shape[:2]:
-                raise ValueError(
-                    f"labels must have the shape of input_ids {tuple(outputs.last_hidden_state.shape[:2])}, "
-                    f"got {tuple(labels.shape)}"
-                )
-            if logits.shape[1] != labels.shape[1]:
-                raise ValueError("labels need logits for every position; leave logits_to_keep at 0 with labels")
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            _check_labels(labels, hidden_states.shape[:2], logits_to_keep)
+        loss = logits = None
+        if labels is not None and self.training and self.config.fused_loss and self._head_is_plain():
+            loss = self._fused_loss(hidden_states, labels, **kwargs)
+        else:
+            if isinstance(logits_to_keep, int):
+                hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+            else:
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         aux_loss = z_loss = None
         router_logits = outputs.router_logits
@@ -932,6 +925,39 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             router_logits=router_logits if output_router_logits else None,
             **cache_output(getattr(outputs, CACHE_NAME)),
         )
+
+
+    def _head_is_plain(self) -> bool:
+        """Whether lm_head is a bare nn.Linear, so the fused loss may read its weight directly. A head that peft
+        wrapped (LoRA), bitsandbytes quantized or accelerate hooked computes more than `x @ W^T`: it keeps the
+        plain path, so nothing the user attached is bypassed."""
+        head = self.lm_head
+        return (type(head) is nn.Linear and head.bias is None and not head._forward_hooks
+                and not head._forward_pre_hooks and not hasattr(head, "_hf_hook"))
+
+    def _fused_loss(self, hidden_states, labels, shift_labels=None, num_items_in_batch=None, ignore_index=-100,
+                    **kwargs) -> torch.Tensor:
+        """transformers' causal-LM loss (next-token targets, `shift_labels`, `num_items_in_batch`), computed by
+        `linear_cross_entropy` from the (B, L, H) hidden states without the full logits."""
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+        shift_labels = shift_labels.to(hidden_states.device).reshape(-1)
+        if num_items_in_batch is not None:
+            num_items_in_batch = torch.as_tensor(num_items_in_batch, device=hidden_states.device)
+        return linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]), self.lm_head.weight,
+                                    shift_labels, num_items_in_batch, ignore_index)
+
+
+def _check_labels(labels, shape: torch.Size, logits_to_keep) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(
+            f"labels must be a tensor of integer token ids (-100 = ignore), got "
+            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+        )
+    if labels.shape != shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
+    if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+        raise ValueError("labels need logits for every position; leave logits_to_keep at 0 with labels")
 
 
 class HybridLMForSequenceClassification(HybridLMPreTrainedModel):

@@ -37,7 +37,7 @@ def test_forward_shapes_and_loss_ignores_minus_100():
 
 
 def test_training_adds_the_router_losses():
-    model = tiny_model(router_aux_loss_coef=0.01, router_z_loss_coef=0.001).train()
+    model = tiny_model(router_aux_loss_coef=0.01, router_z_loss_coef=0.001, fused_loss=False).train()
     input_ids = ids()
     out = model(input_ids, labels=input_ids, output_router_logits=True)
     lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), input_ids[:, 1:].reshape(-1))
