@@ -605,7 +605,7 @@ def test_a_damaged_tokenizer_json_is_named(tokenizer, tmp_path, content, state):
 
 
 def test_missing_and_empty_folders_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); check the path"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); pass a folder"):
         HybridLMTokenizer.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty is an empty folder: nothing to load"):
