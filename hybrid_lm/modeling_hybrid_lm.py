@@ -795,6 +795,37 @@ def _check_seq_idx(seq_idx, batch: int, length: int):
     return seq_idx
 
 
+def _check_label_ids(targets: torch.Tensor, num_classes: int, ignore_index: int, num_items_in_batch=None, *,
+                     kind: str, limit: str, items: str, fix: str) -> None:
+    """The labels a loss reads must be ids in [0, num_classes) or `ignore_index`: a ValueError names one that is
+    not. With none left to predict the loss is nan (a mean over nothing; its gradients are zero): said once
+    in a warning, unless `num_items_in_batch` (Trainer's count over the accumulated batch) makes it a sum over 0.
+
+    One reduction read with one `.tolist()`: a host sync per forward with labels, which a training step pays anyway
+    (Trainer reads each step's loss for `logging_nan_inf_filter`). Skipped where no sync may happen: in compiled
+    code and during CUDA graph capture."""
+    if torch.compiler.is_compiling() or (targets.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    kept = targets != ignore_index
+    low = high = count = 0
+    if targets.numel():
+        low, high = torch.aminmax(targets.long().masked_fill(~kept, 0))
+        low, high, count = torch.stack([low, high, kept.sum()]).tolist()
+    if low < 0 or high >= num_classes:
+        bad = high if high >= num_classes else low
+        raise ValueError(
+            f"labels contains {bad}: each label must be a {kind} in [0, {num_classes - 1}] ({limit} {num_classes}) "
+            f"or the ignore index {ignore_index}; {fix}"
+        )
+    if count == 0 and (num_items_in_batch is None or num_items_in_batch == 0):
+        logger.warning_once(
+            f"every label is the ignore index ({ignore_index}): there are no {items}, so the loss is nan "
+            "(a mean over nothing) and adds no gradient; check the label masking and truncation (e.g. prompts that "
+            "fill max_length leave no answer tokens). Trainer passes num_items_in_batch, with which such a "
+            "micro-batch adds 0."
+        )
+
+
 def _same_document(seq_idx: torch.Tensor, past_length: int):
     """A transformers mask function: query and key in the same packed document. The cached keys count as the
     first document of the chunk. (transformers finds documents in restarting position_ids only; `seq_idx`
@@ -890,6 +921,12 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
                 )
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position; leave logits_to_keep at 0 with labels")
+            targets = kwargs.get("shift_labels")
+            _check_label_ids(
+                labels[:, 1:] if targets is None else targets, self.vocab_size, kwargs.get("ignore_index", -100),
+                kwargs.get("num_items_in_batch"), kind="token id", limit="vocab_size", items="tokens to predict",
+                fix="check that the tokenizer matches the model (config.vocab_size) or resize the embeddings",
+            )
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         aux_loss = z_loss = None
@@ -964,6 +1001,18 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
 
         loss = None
         if labels is not None:
+            if self._is_single_label_classification(labels):
+                if labels.shape not in ((batch,), (batch, 1)):
+                    raise ValueError(
+                        f"labels must hold one class id per row, shape ({batch},), got {tuple(labels.shape)}; "
+                        "per-token labels train HybridLMForCausalLM, and several labels per row are float targets "
+                        "of shape (batch, num_labels) with problem_type='multi_label_classification'"
+                    )
+                _check_label_ids(
+                    labels, self.num_labels, -100, kind="class id", limit="num_labels", items="rows to classify",
+                    fix="set num_labels to the number of classes (from_pretrained(..., num_labels=N, "
+                    "ignore_mismatched_sizes=True) for a new classifier)",
+                )
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(
             loss=loss,
@@ -972,6 +1021,12 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
             attentions=outputs.attentions,
             **cache_output(getattr(outputs, CACHE_NAME)),
         )
+
+    def _is_single_label_classification(self, labels: torch.Tensor) -> bool:
+        """Whether the loss reads `labels` as class ids: `ForSequenceClassificationLoss`'s rule."""
+        if self.config.problem_type is not None:
+            return self.config.problem_type == "single_label_classification"
+        return self.num_labels > 1 and labels.dtype in (torch.long, torch.int)
 
     def _last_token_index(self, input_ids, attention_mask, batch, length, device) -> torch.Tensor:
         positions = torch.arange(length, device=device)
