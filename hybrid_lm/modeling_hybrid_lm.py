@@ -611,10 +611,10 @@ class HybridLMModel(HybridLMPreTrainedModel):
         # a prefill, its id from the model's own logits): there they would cost host syncs.
         checking = not torch.compiler.is_compiling()
         decoding = cache is not None and _cache_holds_a_prefix(cache, config) and _length(input_ids, inputs_embeds) == 1
-        if checking:
-            self._check_cache(cache)
         inputs_embeds = self._embed(input_ids, inputs_embeds, check_ids=checking and not decoding)
         batch, length, _ = inputs_embeds.shape
+        if checking:
+            self._check_cache(cache, batch)
         past_length = cache.get_seq_length() if cache is not None else 0  # a 0-dim tensor for static caches
         if checking and not decoding:
             _check_attention_mask(attention_mask, batch, int(past_length) + length)
@@ -721,8 +721,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
             raise ValueError("the batch is empty (batch size 0); pass at least one row")
         return embeds
 
-    def _check_cache(self, cache) -> None:
-        """Checks that `cache` was built for this layer plan."""
+    def _check_cache(self, cache, batch: int) -> None:
+        """Checks that `cache` was built for this layer plan and holds states for `batch` rows (shapes only: no
+        device sync, so it runs in decode steps too)."""
         if cache is None:
             return
         if not isinstance(cache, Cache):
@@ -736,12 +737,31 @@ class HybridLMModel(HybridLMPreTrainedModel):
                 f"are {list(self.config.layers_block_type)}; pass DynamicCache(config=model.config), the cache this "
                 "model returned, or none"
             )
+        cached = _cache_batch_size(cache)
+        if cached is not None and cached != batch:
+            raise ValueError(
+                f"the cache holds states for a batch of {cached}, this call's batch is {batch}; a cache serves the "
+                "batch it was filled with: pass a new cache (e.g. DynamicCache(config=model.config)) or none"
+            )
 
 
 def _length(input_ids, inputs_embeds) -> int:
     """New tokens of the call (0 without inputs: `_embed` says what is missing)."""
     inputs = input_ids if input_ids is not None else inputs_embeds
     return inputs.shape[1] if inputs is not None and inputs.dim() >= 2 else 0
+
+
+def _cache_batch_size(cache: Cache) -> int | None:
+    """The batch size of the first cache layer that holds a tensor (a Mamba layer's conv state, an attention
+    layer's keys; a static layer allocates them at its first update), or None while the cache is empty."""
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            states = layer.conv_states[0]
+        else:
+            states = getattr(layer, "keys", None) if layer.is_initialized else None
+        if states is not None and states.dim() > 1:  # a dynamic layer starts from an empty 1-d tensor
+            return states.shape[0]
+    return None
 
 
 def _cache_holds_a_prefix(cache, config: HybridLMConfig) -> bool:

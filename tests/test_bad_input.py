@@ -5,8 +5,10 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache, StaticCache
 
 import hybrid_lm
+from hybrid_lm.transformers_compat import CACHE_NAME
 from builders import tiny_config, tiny_model
 
 
@@ -119,3 +121,43 @@ def test_trainer_with_an_empty_micro_batch_trains_without_a_warning(tmp_path, wa
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
     assert "every label is the ignore index" not in warnings_once.text
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def filled_cache(model, kind):
+    cache = DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config,
+                                                                                    max_cache_len=32)
+    model(ids(batch=2), cache=cache, use_cache=True)
+    return cache
+
+
+BATCH_MESSAGE = (r"the cache holds states for a batch of 2, this call's batch is 3; a cache serves the batch it was "
+                 r"filled with: pass a new cache \(e.g. DynamicCache\(config=model.config\)\) or none")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("length", [1, 5], ids=["decode-step", "prefill"])
+def test_a_cache_reused_with_another_batch_size_is_refused(kind, length):
+    model = tiny_model()
+    cache = filled_cache(model, kind)
+    with pytest.raises(ValueError, match=BATCH_MESSAGE):
+        model(ids(batch=3, length=length), cache=cache, use_cache=True)
+    model(ids(batch=2, length=length), cache=cache, use_cache=True)  # the batch it was filled with goes on
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_generate_with_a_cache_of_another_batch_size_is_refused(kind):
+    model = tiny_model()
+    cache = filled_cache(model, kind)
+    with pytest.raises(ValueError, match=BATCH_MESSAGE):
+        model.generate(ids(batch=3), max_new_tokens=2, do_sample=False, **{CACHE_NAME: cache})
+
+
+def test_the_batch_check_covers_mamba_only_and_attention_only_stacks():
+    for layers in (["mamba", "mamba"], ["attention", "attention"]):
+        model = tiny_model(num_hidden_layers=2, layers_block_type=layers)
+        cache = filled_cache(model, "dynamic")
+        with pytest.raises(ValueError, match="batch of 2, this call's batch is 3"):
+            model(ids(batch=3, length=1), cache=cache, use_cache=True)
