@@ -974,6 +974,18 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             **cache_output(getattr(outputs, CACHE_NAME)),
         )
 
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+        """transformers' `generate`, with `prefill_chunk_size` checked first: transformers hands it to `torch.split`,
+        whose error for 0, a negative or a fractional size does not say which argument was wrong."""
+        chunk = kwargs.get("prefill_chunk_size", getattr(generation_config or self.generation_config,
+                                                         "prefill_chunk_size", None))
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"prefill_chunk_size ({chunk!r}) must be a positive whole number of tokens per prefill forward, or "
+                "None to prefill the prompt in one forward; e.g. prefill_chunk_size=512"
+            )
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
 
 class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
     """HybridLMModel with a linear head on the last real token of each row (left or right padding).

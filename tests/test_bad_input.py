@@ -161,3 +161,28 @@ def test_the_batch_check_covers_mamba_only_and_attention_only_stacks():
         cache = filled_cache(model, "dynamic")
         with pytest.raises(ValueError, match="batch of 2, this call's batch is 3"):
             model(ids(batch=3, length=1), cache=cache, use_cache=True)
+
+
+# ----------------------------------------------------------------------------- prefill_chunk_size
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True])
+def test_a_bad_prefill_chunk_size_is_named(chunk):
+    model = tiny_model()
+    message = rf"prefill_chunk_size \({chunk!r}\) must be a positive whole number of tokens per prefill forward, " \
+              "or None to prefill the prompt in one forward"
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids(), max_new_tokens=2, do_sample=False, prefill_chunk_size=chunk)
+    model.generation_config.prefill_chunk_size = chunk  # or from a generation_config.json
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids(), max_new_tokens=2, do_sample=False)
+    chunked = model.generate(ids(), max_new_tokens=2, do_sample=False, prefill_chunk_size=3)  # the call wins
+    model.generation_config.prefill_chunk_size = None
+    torch.testing.assert_close(chunked, model.generate(ids(), max_new_tokens=2, do_sample=False))
+
+
+def test_prefill_chunk_size_in_the_model_config_points_to_generate():
+    with pytest.raises(ValueError, match=r"'prefill_chunk_size' \(512\) is not a HybridLMConfig field; it is a "
+                                         r"generation parameter: pass it to generate\(\) or set "
+                                         r"model.generation_config.prefill_chunk_size"):
+        tiny_config(prefill_chunk_size=512)
