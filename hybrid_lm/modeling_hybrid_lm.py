@@ -453,6 +453,25 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         "gate_proj", "up_proj", "down_proj",
     )
 
+    # peft attaches its adapter configs as `model.peft_config` once an adapter is injected (get_peft_model,
+    # inject_adapter_in_model, and transformers' add_adapter / load_adapter through it): the moment to say that
+    # Llama-style targets (q_proj, v_proj) leave every Mamba mixer frozen.
+    @property
+    def peft_config(self) -> dict:
+        try:
+            return self.__dict__["peft_config"]
+        except KeyError:
+            raise AttributeError("peft_config") from None
+
+    @peft_config.setter
+    def peft_config(self, value: dict) -> None:
+        self.__dict__["peft_config"] = value
+        _report_frozen_mamba_mixers(self)
+
+    @peft_config.deleter
+    def peft_config(self) -> None:
+        del self.__dict__["peft_config"]
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -514,6 +533,20 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         _check_loading_info(info, shapes_may_differ)
         return (model, info) if wants_info else model
+
+
+def _report_frozen_mamba_mixers(model: HybridLMPreTrainedModel) -> None:
+    """Warns once when peft has adapted modules of `model` but none inside a Mamba mixer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # only peft sets `peft_config`
+
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    mixers = [module for module in model.modules() if isinstance(module, HybridLMMambaMixer)]
+    if adapted and mixers and not any(isinstance(sub, BaseTunerLayer) for mixer in mixers for sub in mixer.modules()):
+        logger.warning_once(
+            f"the adapter reaches {sorted(adapted)} but no Mamba mixer projection: the mixers of the {len(mixers)} "
+            f"Mamba layers (of {model.config.num_hidden_layers}) stay frozen. To adapt every mixer and feed-forward "
+            "block, target model.lora_target_modules: LoraConfig(target_modules=list(model.lora_target_modules))"
+        )
 
 
 _BACKBONE_PREFIXES = ("embed_tokens.", "layers.", "final_layernorm.")

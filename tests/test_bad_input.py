@@ -3,6 +3,7 @@
 import logging
 import math
 
+import peft
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -186,3 +187,29 @@ def test_prefill_chunk_size_in_the_model_config_points_to_generate():
                                          r"generation parameter: pass it to generate\(\) or set "
                                          r"model.generation_config.prefill_chunk_size"):
         tiny_config(prefill_chunk_size=512)
+
+
+# ----------------------------------------------------------------------------- LoRA through peft directly
+
+
+@pytest.mark.parametrize("targets, warned", [
+    (["q_proj", "v_proj"], True),  # the Llama habit: attention only, and most layers are Mamba layers
+    ("all", False),  # model.lora_target_modules
+    (["in_proj"], False),
+])
+def test_lora_that_misses_the_mamba_mixers_is_reported(targets, warned, warnings_once):
+    model = tiny_model()
+    targets = list(model.lora_target_modules) if targets == "all" else targets
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+    lora(ids())
+    message = ("the adapter reaches ['q_proj', 'v_proj'] but no Mamba mixer projection: the mixers of the 2 Mamba "
+               "layers (of 4) stay frozen. To adapt every mixer and feed-forward block, target "
+               "model.lora_target_modules")
+    assert (message in warnings_once.text) is warned
+    assert ("no Mamba mixer projection" in warnings_once.text) is warned
+
+
+def test_lora_on_a_model_without_mamba_layers_is_not_reported(warnings_once):
+    model = tiny_model(num_hidden_layers=2, layers_block_type=["attention", "attention"])
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert "Mamba mixer" not in warnings_once.text
