@@ -169,6 +169,7 @@ def _train_tokenizer_command(args: argparse.Namespace) -> None:
         ) from error
     try:
         tokenizer.save_pretrained(staging)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp made it 0700; the files were created under the umask already
         if holds_tokenizer:
             differing = _differing_files(staging, output)
             if not differing:
@@ -225,6 +226,12 @@ def _differing_files(new: Path, old: Path) -> list[str]:
         for path in sorted(new.iterdir())
         if not (old / path.name).is_file() or (old / path.name).read_bytes() != path.read_bytes()
     ]
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def _move_into_place(staging: Path, output: Path) -> None:

@@ -195,8 +195,11 @@ class HybridLMConfig(PreTrainedConfig):
         known |= set(GenerationConfig._get_default_generation_params())
         for key in extra:
             if key not in known and not isinstance(getattr(type(self), key, None), property):
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else "see HybridLMConfig's docstring for the fields"
+                if hasattr(GenerationConfig(), key):  # e.g. prefill_chunk_size, whose value generate() checks
+                    hint = f"it is a generation parameter: pass it to generate() or set model.generation_config.{key}"
+                else:
+                    close = difflib.get_close_matches(key, fields, n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else "see HybridLMConfig's docstring for the fields"
                 raise ValueError(f"{key!r} ({extra[key]!r}) is not a HybridLMConfig field; {hint}")
 
     def _check_types(self):

@@ -29,7 +29,10 @@ def local_folder(path_or_repo_id: str | os.PathLike, subfolder: str = "") -> str
         return path
     if os.path.exists(path) or (not isinstance(path_or_repo_id, os.PathLike) and _REPO_ID.fullmatch(path)):
         return None  # a file (transformers loads a config.json path itself) or a Hub repo id
-    raise FileNotFoundError(f"{path} does not exist (and is not a Hub repo id); check the path")
+    raise FileNotFoundError(
+        f"{path} does not exist (and is not a Hub repo id); pass a folder written by save_pretrained, or a Hub repo "
+        "id such as 'org/model'"
+    )
 
 
 def read_json_file(path: str) -> dict:

@@ -456,6 +456,25 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         "gate_proj", "up_proj", "down_proj",
     )
 
+    # peft attaches its adapter configs as `model.peft_config` once an adapter is injected (get_peft_model,
+    # inject_adapter_in_model, and transformers' add_adapter / load_adapter through it): the moment to say that
+    # Llama-style targets (q_proj, v_proj) leave every Mamba mixer frozen.
+    @property
+    def peft_config(self) -> dict:
+        try:
+            return self.__dict__["peft_config"]
+        except KeyError:
+            raise AttributeError("peft_config") from None
+
+    @peft_config.setter
+    def peft_config(self, value: dict) -> None:
+        self.__dict__["peft_config"] = value
+        _report_frozen_mamba_mixers(self)
+
+    @peft_config.deleter
+    def peft_config(self) -> None:
+        del self.__dict__["peft_config"]
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -517,6 +536,20 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         _check_loading_info(info, shapes_may_differ)
         return (model, info) if wants_info else model
+
+
+def _report_frozen_mamba_mixers(model: HybridLMPreTrainedModel) -> None:
+    """Warns once when peft has adapted modules of `model` but none inside a Mamba mixer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # only peft sets `peft_config`
+
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    mixers = [module for module in model.modules() if isinstance(module, HybridLMMambaMixer)]
+    if adapted and mixers and not any(isinstance(sub, BaseTunerLayer) for mixer in mixers for sub in mixer.modules()):
+        logger.warning_once(
+            f"the adapter reaches {sorted(adapted)} but no Mamba mixer projection: the mixers of the {len(mixers)} "
+            f"Mamba layers (of {model.config.num_hidden_layers}) stay frozen. To adapt every mixer and feed-forward "
+            "block, target model.lora_target_modules: LoraConfig(target_modules=list(model.lora_target_modules))"
+        )
 
 
 _BACKBONE_PREFIXES = ("embed_tokens.", "layers.", "final_layernorm.")
@@ -614,10 +647,10 @@ class HybridLMModel(HybridLMPreTrainedModel):
         # a prefill, its id from the model's own logits): there they would cost host syncs.
         checking = not torch.compiler.is_compiling()
         decoding = cache is not None and _cache_holds_a_prefix(cache, config) and _length(input_ids, inputs_embeds) == 1
-        if checking:
-            self._check_cache(cache)
         inputs_embeds = self._embed(input_ids, inputs_embeds, check_ids=checking and not decoding)
         batch, length, _ = inputs_embeds.shape
+        if checking:
+            self._check_cache(cache, batch)
         past_length = cache.get_seq_length() if cache is not None else 0  # a 0-dim tensor for static caches
         if checking and not decoding:
             _check_attention_mask(attention_mask, batch, int(past_length) + length)
@@ -724,8 +757,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
             raise ValueError("the batch is empty (batch size 0); pass at least one row")
         return embeds
 
-    def _check_cache(self, cache) -> None:
-        """Checks that `cache` was built for this layer plan."""
+    def _check_cache(self, cache, batch: int) -> None:
+        """Checks that `cache` was built for this layer plan and holds states for `batch` rows (shapes only: no
+        device sync, so it runs in decode steps too)."""
         if cache is None:
             return
         if not isinstance(cache, Cache):
@@ -739,12 +773,31 @@ class HybridLMModel(HybridLMPreTrainedModel):
                 f"are {list(self.config.layers_block_type)}; pass DynamicCache(config=model.config), the cache this "
                 "model returned, or none"
             )
+        cached = _cache_batch_size(cache)
+        if cached is not None and cached != batch:
+            raise ValueError(
+                f"the cache holds states for a batch of {cached}, this call's batch is {batch}; a cache serves the "
+                "batch it was filled with: pass a new cache (e.g. DynamicCache(config=model.config)) or none"
+            )
 
 
 def _length(input_ids, inputs_embeds) -> int:
     """New tokens of the call (0 without inputs: `_embed` says what is missing)."""
     inputs = input_ids if input_ids is not None else inputs_embeds
     return inputs.shape[1] if inputs is not None and inputs.dim() >= 2 else 0
+
+
+def _cache_batch_size(cache: Cache) -> int | None:
+    """The batch size of the first cache layer that holds a tensor (a Mamba layer's conv state, an attention
+    layer's keys; a static layer allocates them at its first update), or None while the cache is empty."""
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            states = layer.conv_states[0]
+        else:
+            states = getattr(layer, "keys", None) if layer.is_initialized else None
+        if states is not None and states.dim() > 1:  # a dynamic layer starts from an empty 1-d tensor
+            return states.shape[0]
+    return None
 
 
 def _cache_holds_a_prefix(cache, config: HybridLMConfig) -> bool:
@@ -798,6 +851,37 @@ def _check_seq_idx(seq_idx, batch: int, length: int):
     return seq_idx
 
 
+def _check_label_ids(targets: torch.Tensor, num_classes: int, ignore_index: int, num_items_in_batch=None, *,
+                     kind: str, limit: str, items: str, fix: str) -> None:
+    """The labels a loss reads must be ids in [0, num_classes) or `ignore_index`: a ValueError names one that is
+    not. With none left to predict the loss is nan (a mean over nothing; its gradients are zero): said once
+    in a warning, unless `num_items_in_batch` (Trainer's count over the accumulated batch) makes it a sum over 0.
+
+    One reduction read with one `.tolist()`: a host sync per forward with labels, which a training step pays anyway
+    (Trainer reads each step's loss for `logging_nan_inf_filter`). Skipped where no sync may happen: in compiled
+    code and during CUDA graph capture."""
+    if torch.compiler.is_compiling() or (targets.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    kept = targets != ignore_index
+    low = high = count = 0
+    if targets.numel():
+        low, high = torch.aminmax(targets.long().masked_fill(~kept, 0))
+        low, high, count = torch.stack([low, high, kept.sum()]).tolist()
+    if low < 0 or high >= num_classes:
+        bad = high if high >= num_classes else low
+        raise ValueError(
+            f"labels contains {bad}: each label must be a {kind} in [0, {num_classes - 1}] ({limit} {num_classes}) "
+            f"or the ignore index {ignore_index}; {fix}"
+        )
+    if count == 0 and (num_items_in_batch is None or num_items_in_batch == 0):
+        logger.warning_once(
+            f"every label is the ignore index ({ignore_index}): there are no {items}, so the loss is nan "
+            "(a mean over nothing) and adds no gradient; check the label masking and truncation (e.g. prompts that "
+            "fill max_length leave no answer tokens). Trainer passes num_items_in_batch, with which such a "
+            "micro-batch adds 0."
+        )
+
+
 def _same_document(seq_idx: torch.Tensor, past_length: int):
     """A transformers mask function: query and key in the same packed document. The cached keys count as the
     first document of the chunk. (transformers finds documents in restarting position_ids only; `seq_idx`
@@ -840,7 +924,16 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
         """transformers' `generate`. On a CUDA device, unless the call names its cache, it decodes from a static
         cache this model keeps between calls, so the decode step transformers compiles (CUDA graphs) is recorded
         once per batch size and replayed afterwards (see generation_hybrid_lm.py; `cache_implementation="dynamic"`
-        opts out). This is the one reason to wrap transformers' method: it cannot keep a cache across calls."""
+        opts out). This is why transformers' method is wrapped: it cannot keep a cache across calls. Also checked
+        first: `prefill_chunk_size`, which transformers hands to `torch.split`, whose error for 0, a negative or a
+        fractional size does not say which argument was wrong."""
+        chunk = kwargs.get("prefill_chunk_size", getattr(generation_config or self.generation_config,
+                                                         "prefill_chunk_size", None))
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"prefill_chunk_size ({chunk!r}) must be a positive whole number of tokens per prefill forward, or "
+                "None to prefill the prompt in one forward; e.g. prefill_chunk_size=512"
+            )
         static = static_decoding_kwargs(self, inputs, generation_config, kwargs)
         if static is None:
             return super().generate(inputs, generation_config, **kwargs)
@@ -889,6 +982,12 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             )
         if labels is not None:
             _check_labels(labels, hidden_states.shape[:2], logits_to_keep)
+            targets = kwargs.get("shift_labels")
+            _check_label_ids(
+                labels[:, 1:] if targets is None else targets, self.vocab_size, kwargs.get("ignore_index", -100),
+                kwargs.get("num_items_in_batch"), kind="token id", limit="vocab_size", items="tokens to predict",
+                fix="check that the tokenizer matches the model (config.vocab_size) or resize the embeddings",
+            )
         loss = logits = None
         if labels is not None and self.training and self.config.fused_loss and self._head_is_plain():
             loss = self._fused_loss(hidden_states, labels, **kwargs)
@@ -925,7 +1024,6 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             router_logits=router_logits if output_router_logits else None,
             **cache_output(getattr(outputs, CACHE_NAME)),
         )
-
 
     def _head_is_plain(self) -> bool:
         """Whether lm_head is a bare nn.Linear, so the fused loss may read its weight directly. A head that peft
@@ -1006,6 +1104,18 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
 
         loss = None
         if labels is not None:
+            if self._is_single_label_classification(labels):
+                if labels.shape not in ((batch,), (batch, 1)):
+                    raise ValueError(
+                        f"labels must hold one class id per row, shape ({batch},), got {tuple(labels.shape)}; "
+                        "per-token labels train HybridLMForCausalLM, and several labels per row are float targets "
+                        "of shape (batch, num_labels) with problem_type='multi_label_classification'"
+                    )
+                _check_label_ids(
+                    labels, self.num_labels, -100, kind="class id", limit="num_labels", items="rows to classify",
+                    fix="set num_labels to the number of classes (from_pretrained(..., num_labels=N, "
+                    "ignore_mismatched_sizes=True) for a new classifier)",
+                )
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(
             loss=loss,
@@ -1014,6 +1124,12 @@ class HybridLMForSequenceClassification(HybridLMPreTrainedModel):
             attentions=outputs.attentions,
             **cache_output(getattr(outputs, CACHE_NAME)),
         )
+
+    def _is_single_label_classification(self, labels: torch.Tensor) -> bool:
+        """Whether the loss reads `labels` as class ids: `ForSequenceClassificationLoss`'s rule."""
+        if self.config.problem_type is not None:
+            return self.config.problem_type == "single_label_classification"
+        return self.num_labels > 1 and labels.dtype in (torch.long, torch.int)
 
     def _last_token_index(self, input_ids, attention_mask, batch, length, device) -> torch.Tensor:
         positions = torch.arange(length, device=device)

@@ -172,7 +172,7 @@ def test_a_saved_model_config_loads_back(tmp_path):
 
 
 def test_loading_errors_name_the_path_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); check the path"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); pass a folder"):
         HybridLMConfig.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty is an empty folder: nothing to load"):

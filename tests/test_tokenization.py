@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -425,6 +426,20 @@ def test_cli_trains_a_loadable_tokenizer_and_is_idempotent(corpus_file, tmp_path
     assert leftovers(tmp_path) == []
 
 
+def test_cli_output_permissions_follow_the_umask(corpus_file, tmp_path):
+    """The tokenizer is staged in a mkdtemp folder (0700): the folder it becomes gets what the umask gives."""
+    old = os.umask(0o022)
+    try:
+        assert cli("--input", corpus_file, "--vocab-size", 400, output=tmp_path / "out") == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    files = sorted((tmp_path / "out").iterdir())
+    assert "tokenizer.json" in [path.name for path in files]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
 def test_cli_runs_as_a_module_and_is_declared_as_console_script(corpus_file, tmp_path):
     pyproject = (REPO / "pyproject.toml").read_text()
     entry_point = re.search(r'^\[project\.scripts\]\nhybrid-lm = "(.+)"$', pyproject, re.MULTILINE).group(1)
@@ -590,7 +605,7 @@ def test_a_damaged_tokenizer_json_is_named(tokenizer, tmp_path, content, state):
 
 
 def test_missing_and_empty_folders_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); check the path"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(and is not a Hub repo id\); pass a folder"):
         HybridLMTokenizer.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty is an empty folder: nothing to load"):
