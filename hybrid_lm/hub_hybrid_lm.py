@@ -29,7 +29,7 @@ def model_card(model, repo_id: str, tags: list[str] | None = None) -> ModelCard:
     body = f"""
 # {repo_id.split("/")[-1]}
 
-A hybrid language model made with [hybrid_lm](https://pypi.org/project/hybrid-lm/): attention and Mamba
+A hybrid language model made with hybrid_lm (not on PyPI; see "Use" below): attention and Mamba
 (selective state space) layers with dense or mixture-of-experts feed-forward layers, Jamba-style.
 
 ## Layer plan

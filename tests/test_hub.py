@@ -98,5 +98,5 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_model_card(hub, tmp_path):
 
 def test_model_card_does_not_point_at_a_package_pypi_lacks():
     card = str(hybrid_lm.hub_hybrid_lm.model_card(tiny_model(), "user/tiny", None))
-    assert "pip install hybrid-lm" not in card
+    assert "pip install hybrid-lm" not in card and "pypi.org/project/hybrid-lm" not in card
     assert "installed from its source (`pip install -e .` in a checkout; it is not on PyPI)" in card
