@@ -89,3 +89,20 @@ def test_a_wrapped_head_keeps_the_plain_path():
     assert out.logits is not None
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(g is not None and g.abs().sum() > 0 for g in torch.autograd.grad(out.loss, lora))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_loss_on_the_gpu_equals_full_logits(compiled):
+    h, w, labels = (t.detach().cuda() for t in inputs(rows=4096, hidden=256, vocab=32000, dtype=torch.bfloat16))
+    h.requires_grad_(), w.requires_grad_()
+    fn = torch.compile(linear_cross_entropy) if compiled else linear_cross_entropy
+    loss = fn(h, w, labels, None, chunk_rows=1024)
+    grads = torch.autograd.grad(loss, (h, w))
+    ref_h, ref_w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    expected = oracle(ref_h, ref_w, labels)
+    expected_grads = torch.autograd.grad(expected, (ref_h, ref_w))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-2)
+    for got, want in zip(grads, expected_grads):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
