@@ -1,7 +1,7 @@
 """bf16 / int8 / nf4 / fp4 weights on the bench config, hybrid_lm beside transformers' JambaForCausalLM on the same
 trained weights: weight memory, prefill and decode speed, held-out perplexity.
 
-    PYTHONPATH=. python benchmarks/quantization.py [--train-seconds 75] [--modes bf16 int8 nf4 fp4] [--tiny]
+    PYTHONPATH=. python benchmarks/quantization.py [--train-seconds 60] [--modes bf16 int8 nf4 fp4] [--tiny]
 
 1. Trains the 426M bench config (`benchmarks/generate.py`'s "bench") for --train-seconds on the quickstart corpus
    (this Python's standard-library sources, read as `examples/quickstart.py` reads them; every 20th file held out),
@@ -62,15 +62,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--engines", nargs="+", choices=["hybrid_lm", "jamba"], default=["hybrid_lm", "jamba"])
-    parser.add_argument("--train-seconds", type=float, default=75.0)
-    parser.add_argument("--corpus-mb", type=float, default=12.0)
+    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--corpus-mb", type=float, default=8.0)
     parser.add_argument("--vocab", type=int, default=8192, help="tokenizer size (the model keeps its vocab_size)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=512, help="prefill tokens")
-    parser.add_argument("--new", type=int, default=64, help="decode steps")
+    parser.add_argument("--new", type=int, default=32, help="decode steps")
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU, to check that the script runs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -176,7 +176,7 @@ def perplexity(model, blocks, device, batch=4) -> float:
 
 @torch.no_grad()
 def speeds(model, prompt, new, device) -> tuple[float, float]:
-    """(prefill ms, decode ms/step), best of 3 after a warm-up."""
+    """(prefill ms, decode ms/step), best of 2 after a warm-up."""
     def prefill():
         model(input_ids=prompt, logits_to_keep=1)
 
@@ -186,8 +186,8 @@ def speeds(model, prompt, new, device) -> tuple[float, float]:
 
     prefill(), generate(new)()  # warm-up: kernels, autotuning
     prefill_s = min(timed(prefill, device) for _ in range(3))
-    first = min(timed(generate(1), device) for _ in range(3))
-    total = min(timed(generate(new), device) for _ in range(3))
+    first = min(timed(generate(1), device) for _ in range(2))
+    total = min(timed(generate(new), device) for _ in range(2))
     return prefill_s * 1e3, (total - first) / (new - 1) * 1e3
 
 
