@@ -10,9 +10,16 @@ the examples apart (block-diagonal attention, Mamba states reset at each boundar
 --lora trains adapters (peft) on the model's `lora_target_modules` by default: attention, the Mamba
 projections (in_proj, x_proj, dt_proj, out_proj) and the MLP/expert projections. Resume an
 interrupted run with --resume (the newest checkpoint in --output-dir) or --resume PATH.
+
+--load-in-4bit (with --lora) is QLoRA: the attention, MLP and expert projections load with bitsandbytes NF4
+weights (double quantization), while the Mamba mixers, routers, norms and lm_head stay in high precision (the
+model declares them); peft's `prepare_model_for_kbit_training` readies the model, and the adapters train over
+the 4-bit projections and the full-precision Mamba projections alike. Needs bitsandbytes (`pip install -e ".[quant]"`);
+runs on a GPU, and on the CPU (bitsandbytes >= 0.50) for small models.
 """
 
 import argparse
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -21,6 +28,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     DataCollatorWithFlattening,
     Trainer,
     TrainingArguments,
@@ -56,9 +64,17 @@ def parse_args(argv=None):
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--lora-targets", nargs="+", help="module names (default: the model's lora_target_modules)")
     parser.add_argument("--merge", action="store_true", help="with --lora, also save the merged full model")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="QLoRA: load the base model with 4-bit NF4 weights (bitsandbytes); needs --lora")
     parser.add_argument("--resume", nargs="?", const=True, default=None, help="resume from a checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.load_in_4bit and not args.lora:
+        parser.error("--load-in-4bit trains LoRA adapters over the 4-bit weights (QLoRA): add --lora")
+    if args.load_in_4bit and args.merge:
+        parser.error("--merge cannot fold adapters into 4-bit weights without rounding them: train with "
+                     "--load-in-4bit, then merge the saved adapter into the base model loaded in bf16")
+    return args
 
 
 def load_texts(paths: list[Path], text_field: str, whole_files: bool):
@@ -83,12 +99,17 @@ def load_texts(paths: list[Path], text_field: str, whole_files: bool):
     raise SystemExit(f"error: use .txt or .jsonl data files (got {sorted(suffixes)})")
 
 
-def add_lora(model, args):
-    """Wraps the model with LoRA adapters and warns when they reach fewer than half of the layers."""
+def import_peft():
     try:
         import peft
     except ImportError:
         raise SystemExit("error: --lora needs peft: pip install peft (or pip install -e '.[train]' here)") from None
+    return peft
+
+
+def add_lora(model, args):
+    """Wraps the model with LoRA adapters and warns when they reach fewer than half of the layers."""
+    peft = import_peft()
     targets = args.lora_targets or list(model.lora_target_modules)
     config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05, target_modules=targets,
                              task_type="CAUSAL_LM")
@@ -112,14 +133,21 @@ def load_model(args, dtype):
     if base is not None and not args.lora:
         raise SystemExit(f"error: {args.model} is a LoRA adapter of {base}: pass --lora to keep training it, or pass "
                          f"a full model as --model (the base {base}, or the adapter merged with --merge)")
-    model = AutoModelForCausalLM.from_pretrained(base or model_path, dtype=dtype)
+    quantization = {}
+    if args.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SystemExit("error: --load-in-4bit needs bitsandbytes: pip install -e '.[quant]' here")
+        quantization["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base or model_path, dtype=dtype, **quantization)
+    if args.load_in_4bit:
+        # freezes the base and casts its high-precision parameters to float32; checkpointing is turned on below
+        model = import_peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model, {"use_reentrant": False})
         model.enable_input_require_grads()
     if base is not None:
-        import peft
-
-        model = peft.PeftModel.from_pretrained(model, model_path, is_trainable=True)
+        model = import_peft().PeftModel.from_pretrained(model, model_path, is_trainable=True)
         model.print_trainable_parameters()
     elif args.lora:
         model = add_lora(model, args)

@@ -11,9 +11,10 @@ nh / nkv / hd = heads / key-value heads / head dim, V = vocab, b = bytes of the 
 
 Weights (`weights_bytes`), per parameter, with the model's own dtypes (`model.to(bfloat16)` keeps A_log, D
 and the dt bias in float32, 4 bytes; everything else 2 bytes). With `int8`, `nf4` or `fp4` the weight of
-every `nn.Linear` outside `QUANTIZATION_SKIP_MODULES` is replaced by bitsandbytes' layout; everything else
-(embeddings, lm_head, the Mamba mixers whole, routers, norms, Linear biases) stays as in bf16; with
-`quantize_mamba` the Mamba mixers' Linear layers are quantized too (conv1d, A_log, D, dt bias stay):
+every layer bitsandbytes converts (an `nn.Linear` itself, its name matched by none of `QUANTIZATION_SKIP_MODULES`,
+as transformers matches them) is replaced by bitsandbytes' layout; everything else (embeddings, lm_head, the
+Mamba mixers whole, routers, norms, Linear biases) stays as in bf16; with `quantize_mamba` the Mamba mixers'
+in_proj, x_proj and out_proj are quantized too (dt_proj, a subclass of nn.Linear, conv1d, A_log, D stay):
     int8 (LLM.int8, `bnb.nn.Int8Params`): int8 CB (out, in) + float32 SCB per output row
          = out * in + 4 * out bytes
     nf4 / fp4 (`bnb.nn.Params4bit`, `bnb.functional.quantize_4bit`, blocksize 64): two 4-bit codes per byte
@@ -65,6 +66,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .configuration_hybrid_lm import HybridLMConfig
 from .hub_hybrid_lm import parameter_counts
@@ -72,9 +74,9 @@ from .modeling_hybrid_lm import HybridLMForCausalLM
 from .source_configs_hybrid_lm import UnsupportedSourceConfig, config_from_dict
 
 WEIGHT_FORMATS = ("bf16", "int8", "nf4", "fp4")
-# Modules bitsandbytes leaves in high precision (transformers' `llm_int8_skip_modules` takes this list): the
-# Mamba mixers whole and the output head. Routers, embeddings and norms are no nn.Linear, so never quantized.
-QUANTIZATION_SKIP_MODULES = ["mamba", "lm_head"]
+# Modules bitsandbytes leaves in high precision, as the model declares them (the default `llm_int8_skip_modules` of
+# `from_pretrained`): the Mamba mixers whole and the output heads.
+QUANTIZATION_SKIP_MODULES = HybridLMForCausalLM._quantization_skip_modules
 COMPUTE_BYTES = 2  # bf16
 BNB_4BIT_BLOCKSIZE = 64
 BNB_NESTED_BLOCKSIZE = 256
@@ -112,17 +114,19 @@ def meta_model(config: HybridLMConfig) -> HybridLMForCausalLM:
 
 
 def quantization_skip_modules(quantize_mamba: bool = False) -> list[str]:
-    """`llm_int8_skip_modules` for bitsandbytes: QUANTIZATION_SKIP_MODULES, or only lm_head with `quantize_mamba`
-    (the Mamba mixers' Linear layers quantized too; conv1d, A_log, D and the dt bias are no Linear and stay)."""
-    return [name for name in QUANTIZATION_SKIP_MODULES if not (quantize_mamba and name == "mamba")]
+    """`llm_int8_skip_modules` for bitsandbytes: QUANTIZATION_SKIP_MODULES, or only the heads with `quantize_mamba`
+    (the Mamba mixers' projections quantized too; conv1d, A_log, D and the dt bias are no Linear and stay)."""
+    mamba = HybridLMForCausalLM._quantization_skip_mamba
+    return [name for name in QUANTIZATION_SKIP_MODULES if not (quantize_mamba and name == mamba)]
 
 
 def quantized_linear_names(model: nn.Module, quantize_mamba: bool = False) -> set[str]:
-    """Names of the nn.Linear modules bitsandbytes replaces: all but those under `quantization_skip_modules`."""
-    skipped = set(quantization_skip_modules(quantize_mamba))
+    """Names of the layers bitsandbytes replaces, by transformers' rule (`replace_with_bnb_linear`): each
+    nn.Linear itself (not a subclass) whose name no entry of `quantization_skip_modules` matches."""
+    skipped = quantization_skip_modules(quantize_mamba)
     return {
         name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not set(name.split(".")) & skipped
+        if type(module) is nn.Linear and should_convert_module(name, skipped)
     }
 
 

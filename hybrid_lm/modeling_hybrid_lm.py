@@ -17,13 +17,14 @@ hd = head dim.
 
 import contextlib
 import copy
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import BitsAndBytesConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.masking_utils import (
@@ -41,6 +42,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
+from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -439,6 +441,13 @@ class HybridLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridLMAttentionDecoderLayer", "HybridLMMambaDecoderLayer"]
     _keep_in_fp32_modules_strict = ["A_log", "D", "dt_proj.bias"]
+    # What bitsandbytes leaves in high precision unless the user's `llm_int8_skip_modules` says otherwise
+    # (`from_pretrained` fills it in when it is None): the Mamba mixers whole and the output heads. Entries are matched
+    # as transformers matches them, against a layer's full name from its start (a regex) or as its suffix, so a bare
+    # "mamba" names the mixer but none of its projections. Routers, norms, embeddings and conv1d are no nn.Linear, and
+    # dt_proj only a subclass of one: bitsandbytes converts none of them.
+    _quantization_skip_mamba = r".*\.mamba"
+    _quantization_skip_modules = [_quantization_skip_mamba, "lm_head", "score"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -527,14 +536,20 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         weights do not belong to this config.
 
         The loader runs with `ignore_mismatched_sizes=True` so that it reports every mismatch instead of failing
-        on the first without the config fields to check; the user's `ignore_mismatched_sizes` is applied here."""
+        on the first without the config fields to check; the user's `ignore_mismatched_sizes` is applied here.
+
+        A bitsandbytes `quantization_config` without `llm_int8_skip_modules` gets `_quantization_skip_modules`;
+        the user's own list replaces it (each entry that keeps no layer in high precision is reported)."""
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if source is not None:
             check_weight_files(source, kwargs.get("subfolder", ""))
         wants_info = kwargs.pop("output_loading_info", False)
         shapes_may_differ = kwargs.pop("ignore_mismatched_sizes", False)
+        user_skips = _declare_quantization_skips(cls, kwargs)
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         _check_loading_info(info, shapes_may_differ)
+        if getattr(model, "hf_quantizer", None) is not None and _is_bitsandbytes(model.hf_quantizer.quantization_config):
+            _check_quantized_layers(model, user_skips)
         return (model, info) if wants_info else model
 
 
@@ -589,6 +604,57 @@ def _describe(key) -> str:
     if isinstance(key, tuple) and len(key) == 3:
         return f"tensor '{key[0]}' (checkpoint {tuple(key[1])}, model {tuple(key[2])})"
     return f"tensor '{_key_name(key)}'"
+
+
+def _is_bitsandbytes(quantization_config) -> bool:
+    method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+              else getattr(quantization_config, "quant_method", None))
+    return method == "bitsandbytes"  # a str enum in BitsAndBytesConfig
+
+
+def _declare_quantization_skips(cls, kwargs: dict) -> list[str] | None:
+    """For a bitsandbytes `quantization_config` in `kwargs`: checks that bitsandbytes is installed, and puts
+    `cls._quantization_skip_modules` into a copy of the config when it has no `llm_int8_skip_modules`. Returns the
+    user's own list, or None."""
+    config = kwargs.get("quantization_config")
+    if not _is_bitsandbytes(config):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "quantization_config asks for bitsandbytes weights, but bitsandbytes is not installed: run "
+            "`pip install -e \".[quant]\"` in the hybrid_lm checkout (or `pip install 'bitsandbytes>=0.46.1'`)"
+        )
+    config = BitsAndBytesConfig.from_dict(config) if isinstance(config, dict) else copy.deepcopy(config)
+    if config.llm_int8_skip_modules is not None:
+        return list(config.llm_int8_skip_modules)
+    config.llm_int8_skip_modules = list(cls._quantization_skip_modules)
+    kwargs["quantization_config"] = config
+    return None
+
+
+def _check_quantized_layers(model, user_skips: list[str] | None) -> None:
+    """After a bitsandbytes load: raises when no layer was quantized, and reports each entry of the user's
+    `llm_int8_skip_modules` that keeps no layer in high precision."""
+    import bitsandbytes as bnb
+
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    if not any(isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for module in layers.values()):
+        skips = model.hf_quantizer.quantization_config.llm_int8_skip_modules
+        raise ValueError(
+            f"quantization_config asks for bitsandbytes weights, but no layer of this model is quantized: each of its "
+            f"{len(layers)} nn.Linear layers is kept by llm_int8_skip_modules ({skips}) or is of a kind bitsandbytes "
+            "does not convert (a pure Mamba model has only Mamba mixers and a head). Load it without "
+            "quantization_config, or pass llm_int8_skip_modules=['lm_head'] to quantize the Mamba projections too"
+        )
+    kept = [name for name, module in layers.items() if type(module) is nn.Linear]  # what bitsandbytes converts
+    for entry in user_skips or []:
+        if all(should_convert_module(name, [entry]) for name in kept):
+            logger.warning(
+                f"llm_int8_skip_modules entry {entry!r} keeps no layer of {type(model).__name__} in high precision: "
+                "transformers matches an entry against a layer's full name, from its start (a regex) or as its "
+                "suffix, and no layer that bitsandbytes converts matches it. The default entries, for the Mamba "
+                f"mixers whole and the heads, are {model._quantization_skip_modules}"
+            )
 
 
 # ----------------------------------------------------------------------------- models

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,3 +72,32 @@ def test_lora_adapter_names_an_absolute_base_and_trains_again_from_its_folder(tm
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert f"{adapter} is a LoRA adapter of {base}: pass --lora to keep training it" in result.stderr
+
+
+def test_qlora_finetune_in_4bit_lowers_the_loss(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from builders import tiny_model
+
+    import hybrid_lm
+
+    tokenizer = hybrid_lm.train_tokenizer(iter(["def f(x):\n    return x * 2 + 14\n"] * 50), vocab_size=300,
+                                          show_progress=False)
+    # bitsandbytes' CPU kernels take in_features that are multiples of 64 (see tests/test_quantization.py)
+    model = tiny_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, mamba_d_state=14)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}"}) for i in range(40)))
+    run("finetune.py", "--model", tmp_path / "base", "--data", data, "--output-dir", tmp_path / "ft", "--lora",
+        "--load-in-4bit", "--gradient-checkpointing", "--max-steps", 20, "--save-steps", 20, "--batch-size", 4,
+        "--learning-rate", 5e-3, cwd=tmp_path)
+    assert (tmp_path / "ft" / "final" / "adapter_config.json").exists()
+    history = json.loads((tmp_path / "ft" / "checkpoint-20" / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]  # logged every 10 steps
+    assert len(losses) == 2 and losses[1] < 0.95 * losses[0], losses
+
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune.py"), "--model", str(tmp_path / "base"),
+                             "--data", str(data), "--output-dir", str(tmp_path / "ft2"), "--load-in-4bit"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--load-in-4bit trains LoRA adapters over the 4-bit weights (QLoRA): add --lora" in result.stderr
