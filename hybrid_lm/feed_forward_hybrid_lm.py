@@ -128,13 +128,14 @@ class HybridLMSparseMoeBlock(nn.Module):
         # 3. gate/up product, SwiGLU, down product, all experts at once; LoRA adds its low-rank products
         routed = tokens.to(dtype)[order // top_k]  # (S, H)
         gate, up = grouped_linear(routed, gate_up_weight, gate_up_bias, offs, sorted_expert).chunk(2, dim=-1)
-        gate = gate + _lora_delta(routed, gate_adapters, offs, sorted_expert, dtype)
-        up = up + _lora_delta(routed, up_adapters, offs, sorted_expert, dtype)
+        gate = _with_lora(gate, routed, gate_adapters, offs, sorted_expert, dtype)
+        up = _with_lora(up, routed, up_adapters, offs, sorted_expert, dtype)
         hidden = self.experts[0].act_fn(gate) * up  # (S, I)
+        del gate, up  # in inference the (S, 2I) product is freed before the next one
         expert_out = grouped_linear(hidden, down_weight, down_bias, offs, sorted_expert)
-        expert_out = expert_out + _lora_delta(hidden, down_adapters, offs, sorted_expert, dtype)  # (S, H)
+        expert_out = _with_lora(expert_out, hidden, down_adapters, offs, sorted_expert, dtype)  # (S, H)
         # 4. back to (token, slot) order, weighted sum over the K slots (deterministic, no atomics)
-        expert_out = torch.zeros_like(expert_out).index_copy(0, order, expert_out)  # (S, H)
+        expert_out = torch.empty_like(expert_out).index_copy_(0, order, expert_out)  # (S, H)
         output = (expert_out.view(num_tokens, top_k, -1) * top_k_weights[..., None].to(dtype)).sum(1)
         return output.to(tokens.dtype)
 
@@ -191,18 +192,18 @@ def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(tensors).to(dtype)
 
 
-def _lora_delta(x, adapters, offs, expert_ids, dtype):
-    """Sum over adapters of scaling * B(A(dropout(x))) per expert, as two grouped products: x (S, Din) -> (S, Dout),
-    or 0 without adapters. Computed in `dtype` (peft computes in the adapter's dtype, often float32)."""
-    delta = 0
+def _with_lora(y, x, adapters, offs, expert_ids, dtype):
+    """y (S, Dout) plus, per adapter, scaling * B(A(dropout(x))) per expert, as two grouped products from x
+    (S, Din); y itself without adapters (no copy). Computed in `dtype` (peft computes in the adapter's dtype, often
+    float32)."""
     for a_weights, b_weights, scalings, dropout in adapters:
         low_rank = grouped_linear(dropout(x), _stack(a_weights, dtype), None, offs, expert_ids)  # (S, r)
-        delta_a = grouped_linear(low_rank, _stack(b_weights, dtype), None, offs, expert_ids)  # (S, Dout)
+        delta = grouped_linear(low_rank, _stack(b_weights, dtype), None, offs, expert_ids)  # (S, Dout)
         if len(set(scalings)) == 1:
-            delta = delta + delta_a * scalings[0]
+            y = y + delta * scalings[0]
         else:
-            delta = delta + delta_a * torch.tensor(scalings, device=x.device, dtype=dtype)[expert_ids, None]
-    return delta
+            y = y + delta * torch.tensor(scalings, device=x.device, dtype=dtype)[expert_ids, None]
+    return y
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
