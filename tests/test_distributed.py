@@ -1,0 +1,144 @@
+"""Several processes on CPU (gloo): DDP through `accelerate launch`, FSDP2, tensor parallelism, and the fine-tuning
+example under `accelerate launch`, each against one process.
+
+The runs are in tests/distributed_run.py (its docstring has the commands). accelerate runs FSDP on accelerators only
+(on CPU an FSDP config gives data parallelism), so FSDP2 is tested with torch's `fully_shard` at the decoder layers,
+the wrapping accelerate's FSDP2 does; accelerate's own FSDP2 and bf16 mixed precision need the GPUs (README,
+"Several devices").
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import hybrid_lm
+from builders import tiny_model
+from distributed_run import LEARNING_RATE, train_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "tests" / "distributed_run.py"
+BIN = Path(sys.executable).parent
+STEPS, GLOBAL_BATCH, LENGTH = 3, 4, 16
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="this torch has no torch.distributed with the gloo backend")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: list, cwd, timeout=300, **env_vars) -> str:
+    """Runs a launcher on CPU only; returns its output, or fails with it."""
+    env = {**os.environ, **env_vars, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    try:
+        result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"{command[0]} ran past {timeout} s:\n{error.stdout}\n{error.stderr}") from None
+    output = f"{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{' '.join(map(str, command))} failed ({result.returncode}):\n{output[-8000:]}"
+    return output
+
+
+def torchrun(*args, cwd):
+    return launch([BIN / "torchrun", "--nproc_per_node", 2, "--master_addr", "127.0.0.1", "--master_port",
+                   free_port(), *args], cwd)
+
+
+def accelerate_launch(*args, cwd, **env_vars):
+    """`accelerate launch` with the DDP example config, on 2 CPU processes (ACCELERATE_USE_CPU: gloo)."""
+    return launch([BIN / "accelerate", "launch", "--config_file", ROOT / "examples" / "accelerate_ddp.yaml",
+                   "--mixed_precision", "no", "--num_processes", 2, "--main_process_port", free_port(), *args], cwd,
+                  **env_vars)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny hybrid, the batches, and one process trained on the same global batches (losses, weights)."""
+    root = tmp_path_factory.mktemp("distributed")
+    # The router's load-balancing loss is computed over each process's tokens (as in transformers' MoE models), so
+    # with it several processes equal one process accumulating over the shards, not one on the global batch. Without
+    # it the loss is a mean over tokens and every process has as many: the global-batch loss.
+    tiny_model(router_aux_loss_coef=0.0).save_pretrained(root / "model")
+    batches = torch.randint(3, 97, (STEPS, GLOBAL_BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+    torch.save(batches, root / "data.pt")
+    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(root / "model").train()
+    losses = train_steps(model, torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE), batches)
+    return root, losses, {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _assert_same_training(out, mode, losses, weights):
+    result = json.loads((out / f"{mode}.json").read_text())
+    assert result["num_processes"] == 2, result
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    trained = hybrid_lm.HybridLMForCausalLM.from_pretrained(out / "model").state_dict()
+    assert trained.keys() == weights.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=2e-5, msg=f"{mode}: {name} differs")
+    return result
+
+
+def test_ddp_through_accelerate_launch_equals_one_process(setup, tmp_path):
+    root, losses, weights = setup
+    accelerate_launch(RUN, "accelerate", "--model", root / "model", "--data", root / "data.pt", "--out", tmp_path,
+                      cwd=tmp_path)
+    result = _assert_same_training(tmp_path, "accelerate", losses, weights)
+    assert result["distributed_type"] == "MULTI_CPU", result
+
+
+def test_fsdp2_at_the_decoder_layers_equals_one_process(setup, tmp_path):
+    root, losses, weights = setup
+    torchrun(RUN, "fsdp2", "--model", root / "model", "--data", root / "data.pt", "--out", tmp_path, cwd=tmp_path)
+    result = _assert_same_training(tmp_path, "fsdp2", losses, weights)
+    assert result["decoder_layers"] == 4 and result["fsdp_modules"] == 5, result  # each layer, and the root
+
+
+def test_tensor_parallel_model_gives_the_logits_and_tokens_of_one_process(setup, tmp_path):
+    root, _, _ = setup
+    torchrun(RUN, "tp", "--model", root / "model", "--data", root / "data.pt", "--out", tmp_path, cwd=tmp_path)
+    result = json.loads((tmp_path / "tp.json").read_text())
+    sharded = result["sharded"]
+    for name in ("layers.0.mamba.in_proj.weight", "layers.0.mamba.conv1d.weight", "layers.0.mamba.A_log",
+                 "layers.0.mamba.x_proj.weight", "layers.0.mamba.dt_proj.bias", "layers.0.mamba.out_proj.weight",
+                 "layers.1.self_attn.k_proj.weight", "layers.1.self_attn.o_proj.weight",
+                 "layers.0.feed_forward.down_proj.weight"):
+        assert f"model.{name}" in sharded, f"{name} is not sharded: {sharded}"
+    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(root / "model").eval()
+    input_ids = torch.load(root / "data.pt")[0]
+    parallel = torch.load(tmp_path / "tp.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(parallel["logits"], model(input_ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parallel["tokens"], model.generate(input_ids, max_new_tokens=6, do_sample=False))
+
+
+def test_finetune_example_under_accelerate_launch_saves_a_plain_folder(tmp_path):
+    tokenizer = hybrid_lm.train_tokenizer(iter(["def f(x):\n    return x * 2 + 14\n"] * 50), vocab_size=300,
+                                          show_progress=False)
+    base = tiny_model(vocab_size=len(tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}"}) for i in range(16)))
+    output = accelerate_launch(
+        ROOT / "examples" / "finetune.py", "--model", tmp_path / "base", "--data", data, "--output-dir",
+        tmp_path / "ft", "--max-steps", 2, "--batch-size", 2, "--learning-rate", 1e-2, cwd=tmp_path,
+        TRANSFORMERS_VERBOSITY="info")  # for Trainer's line on the total batch size
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in output, output[-3000:]
+    final = tmp_path / "ft" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    trained = hybrid_lm.HybridLMForCausalLM.from_pretrained(final)
+    changed = [name for name, tensor in base.state_dict().items()
+               if not torch.equal(tensor, trained.state_dict()[name])]
+    assert any("mamba" in name for name in changed) and any("self_attn" in name for name in changed)
