@@ -189,6 +189,12 @@ class HybridLMConfig(PreTrainedConfig):
         self.layers_block_type = self._resolve_block_types()
         self.layers_num_experts = self._resolve_num_experts()
         super().__post_init__(**kwargs)
+        if self.mamba_proj_bias:
+            # packed_colwise shards a 1-D bias in one piece (rank 0 would get x's bias, rank 1 z's): a mixer with an
+            # in_proj bias stays replicated. (Instance plans are not written to config.json.)
+            self.base_model_tp_plan = {
+                name: style for name, style in type(self).base_model_tp_plan.items() if ".mamba" not in name
+            }
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self._validate_options()

@@ -11,7 +11,8 @@ step and the full final weights as a plain `from_pretrained` folder (OUT/model).
 with the single-process reference in the test. `accelerate` uses the Accelerator its launch configures (DDP here);
 `fsdp2` shards with torch's `fully_shard` at the decoder layers (`_no_split_modules`, the wrap policy accelerate's
 TRANSFORMER_BASED_WRAP takes from the model) with activation checkpointing, because accelerate runs FSDP only on
-accelerators. `tp` loads the model with `tp_plan="auto"` and writes the logits and greedy tokens of the first batch.
+accelerators. `tp` loads each model folder with `tp_plan="auto"` and writes the logits, greedy tokens and sharded parameters of
+each on the first batch.
 """
 
 import argparse
@@ -48,7 +49,7 @@ def _with_accelerate(args, batches):
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(args.model).train()
+    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(args.model[0]).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     model, optimizer = accelerator.prepare(model, optimizer)
     losses = train_steps(
@@ -68,7 +69,7 @@ def _with_fully_shard(args, batches):
 
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(args.model).train()
+    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(args.model[0]).train()
     enable_activation_checkpointing(model, {"use_reentrant": False})
     wrapped = [module for module in model.modules() if type(module).__name__ in model._no_split_modules]
     for module in wrapped:
@@ -92,24 +93,24 @@ def _with_fully_shard(args, batches):
 def _with_tensor_parallelism(args, batches):
     from torch.distributed.tensor import DTensor
 
-    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(args.model, tp_plan="auto").eval()
-    rank = dist.get_rank()
-    input_ids = batches[0]
-    with torch.no_grad():
-        logits = model(input_ids).logits
-        tokens = model.generate(input_ids, max_new_tokens=6, do_sample=False)
-    sharded = sorted(name for name, param in model.named_parameters()
-                     if isinstance(param, DTensor) and param.to_local().shape != param.shape)
-    if rank == 0:
-        torch.save({"logits": logits, "tokens": tokens}, args.out / "tp.pt")
+    input_ids, results = batches[0], {}
+    for index, folder in enumerate(args.model):
+        model = hybrid_lm.HybridLMForCausalLM.from_pretrained(folder, tp_plan="auto").eval()
+        with torch.no_grad():
+            results[index] = {"logits": model(input_ids).logits,
+                              "tokens": model.generate(input_ids, max_new_tokens=6, do_sample=False)}
+        results[index]["sharded"] = sorted(name for name, param in model.named_parameters()
+                                           if isinstance(param, DTensor) and param.to_local().shape != param.shape)
+    if dist.get_rank() == 0:
+        torch.save(results, args.out / "tp.pt")
     dist.barrier()
-    return [], {"sharded": sharded, "num_processes": dist.get_world_size()}
+    return [], {"num_processes": dist.get_world_size()}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["accelerate", "fsdp2", "tp"])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, nargs="+", help="one folder (tp: one or more)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()

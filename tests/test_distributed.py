@@ -106,21 +106,33 @@ def test_fsdp2_at_the_decoder_layers_equals_one_process(setup, tmp_path):
 
 
 def test_tensor_parallel_model_gives_the_logits_and_tokens_of_one_process(setup, tmp_path):
+    """The hybrid sharded by the plan (Mamba by channel), and one whose Mamba in_proj has a bias (kept whole)."""
     root, _, _ = setup
-    torchrun(RUN, "tp", "--model", root / "model", "--data", root / "data.pt", "--out", tmp_path, cwd=tmp_path)
-    result = json.loads((tmp_path / "tp.json").read_text())
-    sharded = result["sharded"]
+    biased = tiny_model(seed=1, mamba_proj_bias=True, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():  # initialised to zeros, where a wrongly sharded bias would go unseen
+        for name, param in biased.named_parameters():
+            if name.endswith("proj.bias") and "dt_proj" not in name:
+                param.normal_(std=0.1)
+    biased.save_pretrained(tmp_path / "biased")
+    torchrun(RUN, "tp", "--model", root / "model", tmp_path / "biased", "--data", root / "data.pt", "--out", tmp_path,
+             cwd=tmp_path)
+    parallel = torch.load(tmp_path / "tp.pt")
+    input_ids = torch.load(root / "data.pt")[0]
+    for index, folder in enumerate((root / "model", tmp_path / "biased")):
+        model = hybrid_lm.HybridLMForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(parallel[index]["logits"], model(input_ids).logits, rtol=1e-5, atol=1e-5,
+                                       msg=f"{folder.name}: logits differ")
+            torch.testing.assert_close(parallel[index]["tokens"],
+                                       model.generate(input_ids, max_new_tokens=6, do_sample=False))
+    sharded = parallel[0]["sharded"]
     for name in ("layers.0.mamba.in_proj.weight", "layers.0.mamba.conv1d.weight", "layers.0.mamba.A_log",
                  "layers.0.mamba.x_proj.weight", "layers.0.mamba.dt_proj.bias", "layers.0.mamba.out_proj.weight",
                  "layers.1.self_attn.k_proj.weight", "layers.1.self_attn.o_proj.weight",
                  "layers.0.feed_forward.down_proj.weight"):
         assert f"model.{name}" in sharded, f"{name} is not sharded: {sharded}"
-    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(root / "model").eval()
-    input_ids = torch.load(root / "data.pt")[0]
-    parallel = torch.load(tmp_path / "tp.pt")
-    with torch.no_grad():
-        torch.testing.assert_close(parallel["logits"], model(input_ids).logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(parallel["tokens"], model.generate(input_ids, max_new_tokens=6, do_sample=False))
+    assert not [name for name in parallel[1]["sharded"] if ".mamba." in name]  # see HybridLMConfig.__post_init__
+    assert "model.layers.1.self_attn.q_proj.bias" in parallel[1]["sharded"]
 
 
 def test_finetune_example_under_accelerate_launch_saves_a_plain_folder(tmp_path):
