@@ -659,7 +659,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
             if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(length, device=inputs_embeds.device) + past_length
+                # a static cache counts on its first attention layer's device, which a device map may put elsewhere
+                offset = past_length.to(inputs_embeds.device) if isinstance(past_length, torch.Tensor) else past_length
+                position_ids = torch.arange(length, device=inputs_embeds.device) + offset
                 position_ids = position_ids.expand(batch, -1)
         # packed documents, for the Mamba layers and (transformers looks for them only without a cache) the masks
         if seq_idx is None and attention_mask is None and length > 1:
