@@ -84,11 +84,12 @@ class HybridLMConfig(PreTrainedConfig):
     # - Attention and dense MLP as in Llama: q/k/v and gate/up column-wise, o and down row-wise (one all-reduce each).
     # - Mamba, sharded by channel of d_inner: in_proj's output is [x, z] concatenated, so it is `packed_colwise` (each
     #   rank gets its slice of x and the matching slice of z; a plain column-wise split would give rank 0 all of x).
-    #   The per-channel conv1d, dt_proj (weight and bias), A_log and D are sharded alike; the mixer reads A_log and D
-    #   as local tensors (`local_params`) and conv1d's and dt_proj.bias's through `_module_tensors`. x_proj reads every
+    #   The per-channel conv1d, dt_proj (weight and bias), A_log and D are sharded alike; the mixer reads the tensors
+    #   it uses outside their modules' forwards as this rank's shards (`_local`, `_module_tensors`). x_proj reads every
     #   channel and outputs dt/B/C, so it is row-wise (an all-reduce gives every rank the full dt, B and C); out_proj
-    #   is row-wise. conv1d's weight is (d_inner, 1, d_conv): `embedding_rowwise` is the style that shards a 3-D
-    #   parameter on dim 0. The conv and SSM states in the cache hold each rank's channels.
+    #   is row-wise. conv1d's weight is (d_inner, 1, d_conv): `grouped_gemm` is the style that shards a 3-D parameter
+    #   on dim 0 (column-wise would shard dim 1) in transformers 5.17 to 5.24; on a module without experts it does only
+    #   that. The conv and SSM states in the cache hold each rank's channels.
     # - Experts stay replicated: they are per-expert nn.Linear modules that run as one grouped product on weights
     #   stacked outside the modules' forwards (feed_forward_hybrid_lm.py), which the per-module column/row-wise hooks
     #   would not reach. The router and norms are replicated; the embeddings and lm_head are sharded by transformers'
@@ -102,13 +103,12 @@ class HybridLMConfig(PreTrainedConfig):
         "layers.*.feed_forward.up_proj": "colwise",
         "layers.*.feed_forward.down_proj": "rowwise",
         "layers.*.mamba.in_proj": "packed_colwise",
-        "layers.*.mamba.conv1d.weight": "embedding_rowwise",
+        "layers.*.mamba.conv1d.weight": "grouped_gemm",
         "layers.*.mamba.conv1d.bias": "colwise",
         "layers.*.mamba.x_proj": "rowwise",
         "layers.*.mamba.dt_proj": "colwise",
         "layers.*.mamba.A_log": "colwise",
         "layers.*.mamba.D": "colwise",
-        "layers.*.mamba": "local_params",
         "layers.*.mamba.out_proj": "rowwise",
     }
 

@@ -367,17 +367,17 @@ class HybridLMMambaMixer(nn.Module):
             time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
         time_step = self.dt_proj(time_step).transpose(1, 2)  # (B, D, L); the bias goes to the scan
         (dt_bias,) = _module_tensors(self.dt_proj, "bias")
-        A = -torch.exp(self.A_log.float())  # (D, N)
+        A = -torch.exp(_local(self.A_log).float())  # (D, N)
 
         # 4. selective scan (or one recurrent step when decoding)
         if decoding:
             y = selective_state_update(
                 ssm_state, x[..., 0], time_step[..., 0], A, B[:, 0], C[:, 0],
-                D=self.D, z=z[..., 0], dt_bias=dt_bias, dt_softplus=True, backend=backend,
+                D=_local(self.D), z=z[..., 0], dt_bias=dt_bias, dt_softplus=True, backend=backend,
             )[..., None]
         else:
             scan_out = selective_scan(
-                x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D, z=z,
+                x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=_local(self.D), z=z,
                 delta_bias=dt_bias, delta_softplus=True, initial_state=ssm_state,
                 seq_idx=seq_idx, return_final_state=cache is not None, backend=backend,
             )
