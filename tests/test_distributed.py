@@ -79,11 +79,31 @@ def setup(tmp_path_factory):
     return root, losses, {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def torchrun_runs(setup, tmp_path_factory):
+    """One torchrun launch: FSDP2 training of the setup's model, then two models loaded with tp_plan="auto" (the
+    tiny hybrid, and one whose projections have biases). Returns the output folder and the TP model folders."""
+    root, _, _ = setup
+    out = tmp_path_factory.mktemp("torchrun")
+    # transformers 5.17 gathers the column-wise lm_head only when the vocabulary divides by the number of ranks
+    tiny_model(vocab_size=98).save_pretrained(out / "plain")
+    biased = tiny_model(seed=1, vocab_size=98, mamba_proj_bias=True, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():  # initialised to zeros, where a wrongly sharded bias would go unseen
+        for name, param in biased.named_parameters():
+            if name.endswith("proj.bias") and "dt_proj" not in name:
+                param.normal_(std=0.1)
+    biased.save_pretrained(out / "biased")
+    folders = (out / "plain", out / "biased")
+    torchrun(RUN, "fsdp2", "tp", "--model", root / "model", "--tp-models", *folders, "--data", root / "data.pt",
+             "--out", out, cwd=out)
+    return out, folders
+
+
 def _assert_same_training(out, mode, losses, weights):
     result = json.loads((out / f"{mode}.json").read_text())
     assert result["num_processes"] == 2, result
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
-    trained = hybrid_lm.HybridLMForCausalLM.from_pretrained(out / "model").state_dict()
+    trained = hybrid_lm.HybridLMForCausalLM.from_pretrained(out / mode).state_dict()
     assert trained.keys() == weights.keys()
     for name, tensor in weights.items():
         torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=2e-5, msg=f"{mode}: {name} differs")
@@ -98,27 +118,17 @@ def test_ddp_through_accelerate_launch_equals_one_process(setup, tmp_path):
     assert result["distributed_type"] == "MULTI_CPU", result
 
 
-def test_fsdp2_at_the_decoder_layers_equals_one_process(setup, tmp_path):
-    root, losses, weights = setup
-    torchrun(RUN, "fsdp2", "--model", root / "model", "--data", root / "data.pt", "--out", tmp_path, cwd=tmp_path)
-    result = _assert_same_training(tmp_path, "fsdp2", losses, weights)
+def test_fsdp2_at_the_decoder_layers_equals_one_process(setup, torchrun_runs):
+    _, losses, weights = setup
+    result = _assert_same_training(torchrun_runs[0], "fsdp2", losses, weights)
     assert result["decoder_layers"] == 4 and result["fsdp_modules"] == 5, result  # each layer, and the root
 
 
-def test_tensor_parallel_model_gives_the_logits_and_tokens_of_one_process(setup, tmp_path):
+def test_tensor_parallel_model_gives_the_logits_and_tokens_of_one_process(setup, torchrun_runs):
     """The hybrid sharded by the plan (Mamba by channel), and one whose Mamba in_proj has a bias (kept whole)."""
     root, _, _ = setup
-    # transformers 5.17 gathers the column-wise lm_head only when the vocabulary divides by the number of ranks
-    tiny_model(vocab_size=98).save_pretrained(tmp_path / "plain")
-    biased = tiny_model(seed=1, vocab_size=98, mamba_proj_bias=True, attention_bias=True, mlp_bias=True)
-    with torch.no_grad():  # initialised to zeros, where a wrongly sharded bias would go unseen
-        for name, param in biased.named_parameters():
-            if name.endswith("proj.bias") and "dt_proj" not in name:
-                param.normal_(std=0.1)
-    biased.save_pretrained(tmp_path / "biased")
-    folders = (tmp_path / "plain", tmp_path / "biased")
-    torchrun(RUN, "tp", "--model", *folders, "--data", root / "data.pt", "--out", tmp_path, cwd=tmp_path)
-    parallel = torch.load(tmp_path / "tp.pt")
+    out, folders = torchrun_runs
+    parallel = torch.load(out / "tp.pt")
     input_ids = torch.load(root / "data.pt")[0]
     for index, folder in enumerate(folders):
         model = hybrid_lm.HybridLMForCausalLM.from_pretrained(folder).eval()
