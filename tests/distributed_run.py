@@ -30,12 +30,13 @@ LEARNING_RATE = 1e-3
 MAX_GRAD_NORM = 0.5  # small enough that clipping acts: the norm must be the global one
 
 
-def train_steps(model, optimizer, batches, rank=0, world_size=1, backward=None, clip=None, reduce_mean=None):
+def train_steps(model, optimizer, batches, rank=0, world_size=1, backward=None, clip=None, reduce_mean=None,
+                device=None):
     """Trains on each global batch in `batches` (steps, B, L); returns the mean loss of every step."""
     losses = []
     for batch in batches:
         rows = batch.shape[0] // world_size
-        local = batch[rank * rows:(rank + 1) * rows]
+        local = batch[rank * rows:(rank + 1) * rows].to(device or batch.device)
         loss = model(input_ids=local, labels=local).loss
         (backward or torch.Tensor.backward)(loss)
         (clip or torch.nn.utils.clip_grad_norm_)(model.parameters(), MAX_GRAD_NORM)
@@ -55,6 +56,7 @@ def _with_accelerate(args, batches):
     losses = train_steps(
         model, optimizer, batches, accelerator.process_index, accelerator.num_processes, backward=accelerator.backward,
         clip=accelerator.clip_grad_norm_, reduce_mean=lambda loss: accelerator.reduce(loss, "mean"),
+        device=accelerator.device,
     )
     state_dict = accelerator.get_state_dict(model)  # gathered on every rank for FSDP, the module's for DDP
     if accelerator.is_main_process:
@@ -94,12 +96,13 @@ def _with_fully_shard(args, batches):
 def _with_tensor_parallelism(args, batches):
     from torch.distributed.tensor import DTensor
 
-    input_ids, results = batches[0], {}
+    results = {}
     for index, folder in enumerate(args.tp_models):
         model = hybrid_lm.HybridLMForCausalLM.from_pretrained(folder, tp_plan="auto").eval()
+        input_ids = batches[0].to(model.device)  # each rank's GPU under torchrun on GPUs
         with torch.no_grad():
-            results[index] = {"logits": model(input_ids).logits,
-                              "tokens": model.generate(input_ids, max_new_tokens=6, do_sample=False)}
+            results[index] = {"logits": model(input_ids).logits.cpu(),
+                              "tokens": model.generate(input_ids, max_new_tokens=6, do_sample=False).cpu()}
         results[index]["sharded"] = sorted(name for name, param in model.named_parameters()
                                            if isinstance(param, DTensor) and param.to_local().shape != param.shape)
     if dist.get_rank() == 0:

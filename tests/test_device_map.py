@@ -134,15 +134,50 @@ def test_offloaded_model_generates_the_tokens_of_the_plain_model(saved, layout, 
     # after a forward the offloaded weights are back on the meta device
     assert [name for name, param in model.named_parameters() if param.is_meta] == offloaded
 
-    padded, mask = left_padded()
-    runs = {
+    _assert_generates_the_same(model, plain, _generate_runs())
+
+
+def _assert_generates_the_same(model, plain, runs):
+    """Each of `runs` ({name: generate kwargs}) gives `plain`'s tokens (from its dynamic cache), and each cache tensor
+    is on its layer's device."""
+    device = plain.device
+    for name, kwargs in runs.items():
+        kwargs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+        reference = {key: value for key, value in kwargs.items() if key != "cache_implementation"}
+        expected = plain.generate(**reference, max_new_tokens=6)
+        out = model.generate(**kwargs, max_new_tokens=6, return_dict_in_generate=True)
+        torch.testing.assert_close(out.sequences.to(device), expected, msg=f"{name} generation differs")
+        _assert_cache_on_layer_devices(model, getattr(out, CACHE_NAME))
+
+
+def _generate_runs():
+    input_ids, (padded, mask) = prompt(), left_padded()
+    return {
         "greedy": dict(input_ids=input_ids, do_sample=False),
         "left-padded": dict(input_ids=padded, attention_mask=mask, do_sample=False),
         "beam": dict(input_ids=input_ids, num_beams=3, num_return_sequences=2, do_sample=False),
         "static": dict(input_ids=padded, attention_mask=mask, do_sample=False, cache_implementation="static"),
     }
-    for name, kwargs in runs.items():
-        expected = plain.generate(**kwargs, max_new_tokens=6)
-        out = model.generate(**kwargs, max_new_tokens=6, return_dict_in_generate=True)
-        torch.testing.assert_close(out.sequences, expected, msg=f"{name} generation differs")
-        _assert_cache_on_layer_devices(model, getattr(out, CACHE_NAME))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("kind", ["explicit", "auto"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_device_map_over_two_gpus_cpu_and_disk(saved, layout, kind, tmp_path):
+    """Layers on cuda:0, cuda:1, CPU-offloaded (run on cuda:0) and disk-offloaded: the plain model's tokens, and
+    keys/values and Mamba states on the GPU that runs their layer."""
+    folder, _ = saved[layout]
+    plain = hybrid_lm.HybridLMForCausalLM.from_pretrained(folder).to("cuda:0").eval()
+    if kind == "explicit":
+        device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": "cpu",
+                      "model.layers.3": 1, "model.final_layernorm": 1, "lm_head": "disk"}
+        model = hybrid_lm.HybridLMForCausalLM.from_pretrained(folder, device_map=device_map,
+                                                             offload_folder=tmp_path / "offload")
+    else:
+        model = hybrid_lm.HybridLMForCausalLM.from_pretrained(
+            folder, device_map="auto", max_memory=_budgets(plain)["two-gpus-and-cpu"])
+    assert {0, 1} <= set(model.hf_device_map.values()), model.hf_device_map
+    devices = {_execution_device(layer) for layer in model.model.layers}
+    assert devices == {torch.device("cuda:0"), torch.device("cuda:1")}, devices
+    _assert_generates_the_same(model.eval(), plain, _generate_runs())

@@ -37,11 +37,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(command: list, cwd, timeout=300, **env_vars) -> str:
-    """Runs a launcher on CPU only; returns its output, or fails with it."""
-    env = {**os.environ, **env_vars, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false",
+def launch(command: list, cwd, timeout=300, gpus=False, **env_vars) -> str:
+    """Runs a launcher, on CPU only unless `gpus`; returns its output, or fails with it."""
+    env = {**os.environ, **env_vars, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if not gpus:
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
     try:
         result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
                                 timeout=timeout)
@@ -52,16 +53,19 @@ def launch(command: list, cwd, timeout=300, **env_vars) -> str:
     return output
 
 
-def torchrun(*args, cwd):
+def torchrun(*args, cwd, gpus=False):
     return launch([BIN / "torchrun", "--nproc_per_node", 2, "--master_addr", "127.0.0.1", "--master_port",
-                   free_port(), *args], cwd)
+                   free_port(), *args], cwd, gpus=gpus)
 
 
-def accelerate_launch(*args, cwd, **env_vars):
-    """`accelerate launch` with the DDP example config, on 2 CPU processes (ACCELERATE_USE_CPU: gloo)."""
-    return launch([BIN / "accelerate", "launch", "--config_file", ROOT / "examples" / "accelerate_ddp.yaml",
-                   "--mixed_precision", "no", "--num_processes", 2, "--main_process_port", free_port(), *args], cwd,
+def accelerate_launch(*args, cwd, config="accelerate_ddp.yaml", mixed_precision="no", gpus=False, **env_vars):
+    """`accelerate launch` with an example config on 2 processes: CPU ones (ACCELERATE_USE_CPU: gloo) unless `gpus`."""
+    return launch([BIN / "accelerate", "launch", "--config_file", ROOT / "examples" / config, "--mixed_precision",
+                   mixed_precision, "--num_processes", 2, "--main_process_port", free_port(), *args], cwd, gpus=gpus,
                   **env_vars)
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +103,15 @@ def torchrun_runs(setup, tmp_path_factory):
     return out, folders
 
 
-def _assert_same_training(out, mode, losses, weights):
+def _assert_same_training(out, mode, losses, weights, atol=2e-5):
+    """atol: of the weights (the losses agree to 1e-5 relative); GPU kernels against the CPU reference need more."""
     result = json.loads((out / f"{mode}.json").read_text())
     assert result["num_processes"] == 2, result
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     trained = hybrid_lm.HybridLMForCausalLM.from_pretrained(out / mode).state_dict()
     assert trained.keys() == weights.keys()
     for name, tensor in weights.items():
-        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=2e-5, msg=f"{mode}: {name} differs")
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=atol, msg=f"{mode}: {name} differs")
     return result
 
 
@@ -147,7 +152,8 @@ def test_tensor_parallel_model_gives_the_logits_and_tokens_of_one_process(setup,
     assert "model.layers.1.self_attn.q_proj.bias" in parallel[1]["sharded"]
 
 
-def test_finetune_example_under_accelerate_launch_saves_a_plain_folder(tmp_path):
+def _finetune_under_accelerate_launch(tmp_path, **launch_options):
+    """finetune.py on a tiny hybrid for 2 steps of 2 rows per process; returns the base model."""
     tokenizer = hybrid_lm.train_tokenizer(iter(["def f(x):\n    return x * 2 + 14\n"] * 50), vocab_size=300,
                                           show_progress=False)
     base = tiny_model(vocab_size=len(tokenizer))
@@ -157,12 +163,58 @@ def test_finetune_example_under_accelerate_launch_saves_a_plain_folder(tmp_path)
     data.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}"}) for i in range(16)))
     output = accelerate_launch(
         ROOT / "examples" / "finetune.py", "--model", tmp_path / "base", "--data", data, "--output-dir",
-        tmp_path / "ft", "--max-steps", 2, "--batch-size", 2, "--learning-rate", 1e-2, cwd=tmp_path,
-        TRANSFORMERS_VERBOSITY="info")  # for Trainer's line on the total batch size
+        tmp_path / "ft", "--max-steps", 2, "--batch-size", 2, "--learning-rate", 1e-2, "--save-steps", 1,
+        cwd=tmp_path, TRANSFORMERS_VERBOSITY="info", **launch_options)  # info: Trainer's line on the batch size
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in output, output[-3000:]
+    return base
+
+
+def test_finetune_example_under_accelerate_launch_saves_a_plain_folder(tmp_path):
+    base = _finetune_under_accelerate_launch(tmp_path)
     final = tmp_path / "ft" / "final"
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     trained = hybrid_lm.HybridLMForCausalLM.from_pretrained(final)
     changed = [name for name, tensor in base.state_dict().items()
                if not torch.equal(tensor, trained.state_dict()[name])]
     assert any("mamba" in name for name in changed) and any("self_attn" in name for name in changed)
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_fsdp2_through_accelerate_on_two_gpus_equals_one_process(setup, tmp_path):
+    """examples/accelerate_fsdp.yaml (FSDP2 at the decoder layers, activation checkpointing) in float32."""
+    root, losses, weights = setup
+    accelerate_launch(RUN, "accelerate", "--model", root / "model", "--data", root / "data.pt", "--out", tmp_path,
+                      cwd=tmp_path, config="accelerate_fsdp.yaml", gpus=True)
+    result = _assert_same_training(tmp_path, "accelerate", losses, weights, atol=1e-4)
+    assert result["distributed_type"] == "FSDP", result
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_finetune_example_under_accelerate_fsdp_bf16_on_two_gpus(tmp_path):
+    """Sharded checkpoints during training, a plain folder at the end, bf16 mixed precision over float32 weights."""
+    base = _finetune_under_accelerate_launch(tmp_path, config="accelerate_fsdp.yaml", mixed_precision="bf16",
+                                             gpus=True)
+    assert any((tmp_path / "ft").glob("checkpoint-*/pytorch_model_fsdp_0")), list((tmp_path / "ft").iterdir())
+    trained = hybrid_lm.HybridLMForCausalLM.from_pretrained(tmp_path / "ft" / "final")
+    assert trained.model.layers[0].mamba.A_log.dtype == torch.float32
+    changed = [name for name, tensor in base.state_dict().items()
+               if not torch.equal(tensor.float(), trained.state_dict()[name].float())]
+    assert any("mamba" in name for name in changed) and any("self_attn" in name for name in changed)
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_tensor_parallel_on_two_gpus_gives_the_logits_and_tokens_of_one_process(setup, tmp_path):
+    root, _, _ = setup
+    tiny_model(vocab_size=98).save_pretrained(tmp_path / "plain")
+    torchrun(RUN, "tp", "--tp-models", tmp_path / "plain", "--data", root / "data.pt", "--out", tmp_path,
+             cwd=tmp_path, gpus=True)
+    parallel = torch.load(tmp_path / "tp.pt")[0]
+    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(tmp_path / "plain").cuda().eval()
+    input_ids = torch.load(root / "data.pt")[0].cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(parallel["logits"], model(input_ids).logits.cpu(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(parallel["tokens"], model.generate(input_ids, max_new_tokens=6,
+                                                                      do_sample=False).cpu())
