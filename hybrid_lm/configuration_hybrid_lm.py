@@ -92,8 +92,8 @@ class HybridLMConfig(PreTrainedConfig):
     #   that. The conv and SSM states in the cache hold each rank's channels.
     # - Experts stay replicated: they are per-expert nn.Linear modules that run as one grouped product on weights
     #   stacked outside the modules' forwards (feed_forward_hybrid_lm.py), which the per-module column/row-wise hooks
-    #   would not reach. The router and norms are replicated; the embeddings and lm_head are sharded by transformers'
-    #   defaults (`embedding_rowwise`, and HybridLMForCausalLM's `colwise_gather_output`).
+    #   would not reach. The router and norms are replicated; lm_head is column-wise with its output gathered
+    #   (HybridLMForCausalLM's `_tp_plan`), the embeddings vocabulary-sharded where transformers adds that.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -193,7 +193,7 @@ class HybridLMConfig(PreTrainedConfig):
             # packed_colwise shards a 1-D bias in one piece (rank 0 would get x's bias, rank 1 z's): a mixer with an
             # in_proj bias stays replicated. (Instance plans are not written to config.json.)
             self.base_model_tp_plan = {
-                name: style for name, style in type(self).base_model_tp_plan.items() if ".mamba" not in name
+                name: style for name, style in self.base_model_tp_plan.items() if ".mamba" not in name
             }
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)

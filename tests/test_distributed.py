@@ -86,12 +86,14 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torchrun_runs(setup, tmp_path_factory):
     """One torchrun launch: FSDP2 training of the setup's model, then two models loaded with tp_plan="auto" (the
-    tiny hybrid, and one whose projections have biases). Returns the output folder and the TP model folders."""
+    tiny hybrid, and one with tied embeddings whose projections have biases). Returns the output folder and the TP
+    model folders."""
     root, _, _ = setup
     out = tmp_path_factory.mktemp("torchrun")
     # transformers 5.17 gathers the column-wise lm_head only when the vocabulary divides by the number of ranks
     tiny_model(vocab_size=98).save_pretrained(out / "plain")
-    biased = tiny_model(seed=1, vocab_size=98, mamba_proj_bias=True, attention_bias=True, mlp_bias=True)
+    biased = tiny_model(seed=1, vocab_size=98, mamba_proj_bias=True, attention_bias=True, mlp_bias=True,
+                        tie_word_embeddings=True)
     with torch.no_grad():  # initialised to zeros, where a wrongly sharded bias would go unseen
         for name, param in biased.named_parameters():
             if name.endswith("proj.bias") and "dt_proj" not in name:
