@@ -1,6 +1,7 @@
 """Fine-tune a hybrid_lm checkpoint with transformers' Trainer on a text or JSONL dataset, optionally with LoRA.
 
     python examples/finetune.py --model CKPT --data FILE [FILE ...] --output-dir DIR [--lora] [options]
+    accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py ...   (several GPUs)
 
 Data: `.txt` files (one example per line, or the whole file with --whole-files) or `.jsonl` files
 (the field given by --text-field), loaded with `datasets`. Examples are packed without padding by
@@ -185,7 +186,11 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=args.resume)
 
     final_dir = args.output_dir / "final"
-    trainer.save_model(str(final_dir))
+    if trainer.is_fsdp_enabled:  # FSDP's sharded state dicts go to the checkpoints; the final model is gathered
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final_dir))  # collective under FSDP: every process calls it
+    if not trainer.is_world_process_zero():  # under accelerate launch / torchrun, one process writes
+        return trainer
     tokenizer.save_pretrained(final_dir)
     if args.lora and args.merge:
         merged = model.merge_and_unload()

@@ -82,6 +82,38 @@ class HybridLMConfig(PreTrainedConfig):
     model_type = "hybrid_lm"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output, by its name up to / from 5.24
     attribute_map = {"num_local_experts": "num_experts"}
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun), in transformers' style names; it
+    # needs num_key_value_heads, intermediate_size and mamba_d_inner divisible by the number of ranks.
+    # - Attention and dense MLP as in Llama: q/k/v and gate/up column-wise, o and down row-wise (one all-reduce each).
+    # - Mamba, sharded by channel of d_inner: in_proj's output is [x, z] concatenated, so it is `packed_colwise` (each
+    #   rank gets its slice of x and the matching slice of z; a plain column-wise split would give rank 0 all of x).
+    #   The per-channel conv1d, dt_proj (weight and bias), A_log and D are sharded alike; the mixer reads the tensors
+    #   it uses outside their modules' forwards as this rank's shards (`_local`, `_module_tensors`). x_proj reads every
+    #   channel and outputs dt/B/C, so it is row-wise (an all-reduce gives every rank the full dt, B and C); out_proj
+    #   is row-wise. conv1d's weight is (d_inner, 1, d_conv): `grouped_gemm` is the style that shards a 3-D parameter
+    #   on dim 0 (column-wise would shard dim 1) in transformers 5.17 to 5.24; on a module without experts it does only
+    #   that. The conv and SSM states in the cache hold each rank's channels.
+    # - Experts stay replicated: they are per-expert nn.Linear modules that run as one grouped product on weights
+    #   stacked outside the modules' forwards (feed_forward_hybrid_lm.py), which the per-module column/row-wise hooks
+    #   would not reach. The router and norms are replicated; lm_head is column-wise with its output gathered
+    #   (HybridLMForCausalLM's `_tp_plan`), the embeddings vocabulary-sharded where transformers adds that.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.feed_forward.gate_proj": "colwise",
+        "layers.*.feed_forward.up_proj": "colwise",
+        "layers.*.feed_forward.down_proj": "rowwise",
+        "layers.*.mamba.in_proj": "packed_colwise",
+        "layers.*.mamba.conv1d.weight": "grouped_gemm",
+        "layers.*.mamba.conv1d.bias": "colwise",
+        "layers.*.mamba.x_proj": "rowwise",
+        "layers.*.mamba.dt_proj": "colwise",
+        "layers.*.mamba.A_log": "colwise",
+        "layers.*.mamba.D": "colwise",
+        "layers.*.mamba.out_proj": "rowwise",
+    }
 
     vocab_size: int = 65536
     hidden_size: int = 1024
@@ -161,6 +193,12 @@ class HybridLMConfig(PreTrainedConfig):
         self.layers_block_type = self._resolve_block_types()
         self.layers_num_experts = self._resolve_num_experts()
         super().__post_init__(**kwargs)
+        if self.mamba_proj_bias:
+            # packed_colwise shards a 1-D bias in one piece (rank 0 would get x's bias, rank 1 z's): a mixer with an
+            # in_proj bias stays replicated. (Instance plans are not written to config.json.)
+            self.base_model_tp_plan = {
+                name: style for name, style in self.base_model_tp_plan.items() if ".mamba" not in name
+            }
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self._validate_options()

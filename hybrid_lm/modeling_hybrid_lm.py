@@ -70,6 +70,11 @@ from .transformers_compat import CACHE_NAME, accepts_cache_alias, cache_output
 
 logger = logging.get_logger(__name__)
 
+try:
+    from torch.distributed.tensor import DTensor  # the parameters of a tensor-parallel model
+except ImportError:  # a torch built without distributed support has none
+    DTensor = ()
+
 
 # ----------------------------------------------------------------------------- norms, rotary embeddings
 
@@ -234,6 +239,34 @@ class HybridLMTimeStepProjection(nn.Linear):
         return F.linear(x, self.weight)
 
 
+def _module_tensors(module: nn.Module, *names: str) -> list[torch.Tensor]:
+    """`module`'s tensors `names`, for a mixer that reads them directly rather than through `module`'s forward
+    (conv1d's weight and bias feed the conv kernels; dt_proj's bias goes to the scan). Under tensor parallelism
+    (`tp_plan="auto"`) they are DTensors: this rank's shards are returned.
+
+    Under accelerate's CPU or disk offload (`from_pretrained(device_map=...)` with "cpu" or "disk" entries on an
+    accelerator, or "disk" on CPU), an offloaded module's tensors are on the meta device except during its own
+    forward; `align_module_device` loads them onto the execution device meanwhile, and the tensors returned here
+    stay valid after it puts the module back."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False):
+        return [_local(getattr(module, name)) for name in names]
+    try:
+        from accelerate.utils import align_module_device
+    except ImportError:
+        raise ImportError(
+            "this accelerate offloads the Mamba layers but has no accelerate.utils.align_module_device to load their "
+            "conv and dt tensors; upgrade it: pip install -U accelerate"
+        ) from None
+    with align_module_device(module):
+        return [getattr(module, name) for name in names]
+
+
+def _local(tensor):
+    """This rank's shard of a tensor-parallel (DTensor) parameter; any other tensor (or None) as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 class HybridLMMambaMixer(nn.Module):
     """The Jamba Mamba-1 mixer: in_proj -> causal conv -> selective scan (gated by silu(z)) -> out_proj.
 
@@ -317,13 +350,14 @@ class HybridLMMambaMixer(nn.Module):
             x = x * token_mask
 
         # 2. causal depthwise conv + silu
-        conv_weight = self.conv1d.weight[:, 0, :]  # (D, d_conv)
+        conv_weight, conv_bias = _module_tensors(self.conv1d, "weight", "bias")
+        conv_weight = conv_weight[:, 0, :]  # (D, d_conv)
         if decoding:
-            x = causal_conv1d_update(x[..., 0], conv_state, conv_weight, self.conv1d.bias, "silu", backend=backend)
+            x = causal_conv1d_update(x[..., 0], conv_state, conv_weight, conv_bias, "silu", backend=backend)
             x = x[..., None]
         else:
             conv_out = causal_conv1d(
-                x, conv_weight, self.conv1d.bias, initial_state=conv_state, seq_idx=seq_idx, activation="silu",
+                x, conv_weight, conv_bias, initial_state=conv_state, seq_idx=seq_idx, activation="silu",
                 return_final_state=cache is not None, backend=backend,
             )
             x, final_conv_state = conv_out if cache is not None else (conv_out, None)
@@ -337,18 +371,19 @@ class HybridLMMambaMixer(nn.Module):
         if self.config.mamba_inner_layernorms:
             time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
         time_step = self.dt_proj(time_step).transpose(1, 2)  # (B, D, L); the bias goes to the scan
-        A = -torch.exp(self.A_log.float())  # (D, N)
+        (dt_bias,) = _module_tensors(self.dt_proj, "bias")
+        A = -torch.exp(_local(self.A_log).float())  # (D, N)
 
         # 4. selective scan (or one recurrent step when decoding)
         if decoding:
             y = selective_state_update(
                 ssm_state, x[..., 0], time_step[..., 0], A, B[:, 0], C[:, 0],
-                D=self.D, z=z[..., 0], dt_bias=self.dt_proj.bias, dt_softplus=True, backend=backend,
+                D=_local(self.D), z=z[..., 0], dt_bias=dt_bias, dt_softplus=True, backend=backend,
             )[..., None]
         else:
             scan_out = selective_scan(
-                x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D, z=z,
-                delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=ssm_state,
+                x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=_local(self.D), z=z,
+                delta_bias=dt_bias, delta_softplus=True, initial_state=ssm_state,
                 seq_idx=seq_idx, return_final_state=cache is not None, backend=backend,
             )
             y = scan_out
@@ -726,7 +761,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
             if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(length, device=inputs_embeds.device) + past_length
+                # a static cache counts on its first attention layer's device, which a device map may put elsewhere
+                offset = past_length.to(inputs_embeds.device) if isinstance(past_length, torch.Tensor) else past_length
+                position_ids = torch.arange(length, device=inputs_embeds.device) + offset
                 position_ids = position_ids.expand(batch, -1)
         # packed documents, for the Mamba layers and (transformers looks for them only without a cache) the masks
         if seq_idx is None and attention_mask is None and length > 1:
@@ -977,6 +1014,7 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # with the config's base_model_tp_plan (as in Llama)
 
     def __init__(self, config: HybridLMConfig):
         super().__init__(config)
