@@ -16,6 +16,7 @@ and the calculator's figures for the same settings, with measured / calculated. 
 """
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -109,8 +110,11 @@ def main(argv=None) -> int:
                 except ImportError:
                     print(f"{weights}: skipped, bitsandbytes is not installed")
                     continue
+            gc.collect()  # the previous model's reference cycles, before its memory is counted as free
+            torch.cuda.empty_cache()
+            free = torch.cuda.memory_allocated()
             model = load(folder, weights)
-            loaded = torch.cuda.memory_allocated()
+            loaded = torch.cuda.memory_allocated() - free
             # compile the kernels (Triton) outside the measurement
             prefill(model, 512, args.batch, None)
             for context in args.contexts:
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
                     ("weights", loaded, est.weights_bytes),
                     ("KV + Mamba states", held, est.kv_cache_bytes + est.mamba_state_bytes),
                     ("activations", peak - before - held, est.activation_bytes),
-                    ("total (peak)", peak, est.total_bytes),
+                    ("total (peak)", peak - free, est.total_bytes),
                 ]
                 print(f"\n{weights} weights, context {context:,} ({seconds:.1f} s)")
                 print(f"  {'':<18} {'measured MiB':>13} {'calculated MiB':>15} {'ratio':>7}")

@@ -43,9 +43,13 @@ another and free their intermediates, so it is the residual stream plus the larg
     attention layer: q, the attention output and its contiguous copy (3 * nh * hd * b per token; K and V
         are the cache), plus GQA's repeated K and V (2 * nh * hd * b) when nkv < nh
     dense MLP: gate/act, up and their product, 3 * I * b per token
-    MoE: the routed copies of the tokens K * H * b, the output H * b, router logits and softmax 2 * E * 4,
-        three int64 index vectors 3 * K * 8 per token; and one expert's gate/act, up, product and down on
-        its share of the tokens, balanced routing: ceil(B * L * K / E) * (3I + H) * b
+    MoE, router logits and softmax 2 * E * 4 and three int64 index vectors 3 * K * 8 per token, and
+      - experts in bf16 (grouped products over all experts, `feed_forward_hybrid_lm.py`): the expert weights
+        stacked for the products 3 * E * I * H * b, and over the S = B * L * K routed (token, slot) pairs at
+        once their copy H, the gate/up product 2I, the activation I and its product with up I: S * (H + 4I) * b
+      - quantized experts (bitsandbytes layers, run one expert at a time): the routed copies of the tokens
+        K * H * b and the output H * b per token, and one expert's gate/act, up, product and down on its share
+        of the tokens, balanced routing: ceil(B * L * K / E) * (3I + H) * b
     final norm: float32 copy and normalised float32, 2 * H * 4 per token; logits B * logits_to_keep * V * b
   A chunked prefill (L < S) attends over the cache: transformers builds SDPA a boolean mask B * L * S' bytes
   (S' = the tokens kept, as for the KV cache) that lives through the whole forward; in an attention layer
@@ -181,13 +185,14 @@ def mamba_state_bytes(config: HybridLMConfig, batch: int = 1) -> int:
 
 
 def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefill_chunk: int | None = None,
-                     logits_to_keep: int = 1) -> int:
-    """Peak live intermediates of one prefill forward of `batch` x `context` tokens (module docstring)."""
+                     logits_to_keep: int = 1, grouped_experts: bool = True) -> int:
+    """Peak live intermediates of one prefill forward of `batch` x `context` tokens (module docstring);
+    `grouped_experts`: the experts run as grouped products (bf16 weights), else one at a time (quantized)."""
     b = COMPUTE_BYTES
     length = min(context, prefill_chunk) if prefill_chunk else context
     tokens = batch * length
     H, D, N, R = config.hidden_size, config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank
-    I, E, K = config.intermediate_size, config.num_experts, config.num_experts_per_tok
+    I = config.intermediate_size
     nh, nkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
     residual = tokens * 2 * H * b
@@ -209,9 +214,18 @@ def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefi
     if "mlp" in feed_forward:
         layers.append(tokens * 3 * I * b)
     if "moe" in feed_forward:
-        routed = tokens * ((K + 1) * H * b + 2 * E * 4 + 3 * K * 8)
-        layers.append(routed + math.ceil(tokens * K / E) * (3 * I + H) * b)
+        layers.append(moe_activation_bytes(config, tokens, grouped_experts))
     return residual + max(layers)
+
+
+def moe_activation_bytes(config: HybridLMConfig, tokens: int, grouped_experts: bool = True) -> int:
+    """Peak live intermediates of one MoE block's inference forward on `tokens` tokens (module docstring)."""
+    b, H, I = COMPUTE_BYTES, config.hidden_size, config.intermediate_size
+    E, K = config.num_experts, config.num_experts_per_tok
+    routing = tokens * (2 * E * 4 + 3 * K * 8)
+    if grouped_experts:
+        return routing + 3 * E * I * H * b + tokens * K * (H + 4 * I) * b
+    return routing + tokens * (K + 1) * H * b + math.ceil(tokens * K / E) * (3 * I + H) * b
 
 
 def estimate_memory(config: HybridLMConfig, context: int, batch: int = 1, weights: str = "bf16",
@@ -234,7 +248,7 @@ def estimate_memory(config: HybridLMConfig, context: int, batch: int = 1, weight
         weights_bytes=weights_bytes(model, weights, double_quant, quantize_mamba),
         kv_cache_bytes=kv_cache_bytes(config, context, batch),
         mamba_state_bytes=mamba_state_bytes(config, batch),
-        activation_bytes=activation_bytes(config, context, batch, prefill_chunk),
+        activation_bytes=activation_bytes(config, context, batch, prefill_chunk, grouped_experts=weights == "bf16"),
     )
     return MemoryEstimate(total_params=total, active_params=active, **parts, total_bytes=sum(parts.values()),
                           context=context, batch=batch, weights=weights, prefill_chunk=prefill_chunk)

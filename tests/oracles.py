@@ -1,11 +1,16 @@
 """Independent, deliberately naive references: one Python step per time step, float64.
 
-They share no code with hybrid_lm; tests compare the package's ops against them.
+They share no code with hybrid_lm; tests compare the package's ops against them. Also a counter of live tensor
+bytes, against which the memory calculator is checked on CPU.
 Shape legend: B = batch, D = channels, L = length, N = d_state, K = conv width.
 """
 
+import weakref
+
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -61,3 +66,33 @@ def causal_conv1d_sequential(x, weight, bias=None, initial_state=None, seq_idx=N
         final_docs = torch.stack(history_doc[-(width - 1):], dim=-1)
         final = final * (final_docs == seq_idx[:, -1:])[:, None].double()
     return torch.stack(outs, dim=-1), final
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages that the ops run inside the mode create, and the most of them alive
+    at once (`peak`): a CPU stand-in for `torch.cuda.max_memory_allocated`, without allocator rounding."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self._counted or key in inputs:  # a view, an in-place result: nothing new
+                continue
+            self._counted.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, size)
+        return out
+
+    def _free(self, key, size):
+        self.live -= size
+        self._counted.discard(key)

@@ -12,7 +12,9 @@ from transformers import DynamicCache
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM
 from hybrid_lm.cli import main
 from hybrid_lm.hub_hybrid_lm import parameter_counts
+from hybrid_lm.feed_forward_hybrid_lm import HybridLMSparseMoeBlock
 from hybrid_lm.memory_hybrid_lm import (
+    moe_activation_bytes,
     JSON_KEYS,
     estimate_memory,
     load_source_config,
@@ -23,6 +25,7 @@ from hybrid_lm.memory_hybrid_lm import (
 from hybrid_lm.source_configs_hybrid_lm import jamba_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from oracles import LiveTensorBytes  # noqa: E402
 from memory import cache_bytes  # noqa: E402  (benchmarks/memory.py: what the GPU benchmark measures)
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -283,3 +286,24 @@ def test_readme_table_is_the_calculators(jamba):
         row = (f"| {weights} | {e.weights_bytes / GB:.1f} GB | {e.kv_cache_bytes / GB:.1f} GB | "
                f"{e.mamba_state_bytes / GB:.2f} GB | {e.activation_bytes / GB:.1f} GB | {e.total_bytes / GB:.1f} GB |")
         assert row in readme
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "one-expert-at-a-time"])
+def test_moe_activation_term_is_the_peak_of_a_real_moe_forward(grouped):
+    """The calculator's MoE term against the storages a bf16 MoE block really holds at once in an inference
+    forward (counted op by op on CPU, where the grouped products run as on the GPU)."""
+    config = HybridLMConfig(vocab_size=128, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                            num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    block = HybridLMSparseMoeBlock(config)
+    torch.nn.init.normal_(block.router.weight)  # tokens spread over the experts, as the formula assumes
+    block = block.to(torch.bfloat16)
+    if not grouped:  # what a quantized expert makes it do: run module by module
+        block._grouped_projections = lambda: None
+    tokens = 2048
+    x = torch.randn(1, tokens, config.hidden_size, dtype=torch.bfloat16)
+    counter = LiveTensorBytes()
+    with torch.no_grad(), counter:
+        block(x)
+    assert block.experts_are_grouped() == grouped
+    assert counter.peak == pytest.approx(moe_activation_bytes(config, tokens, grouped), rel=0.1)
