@@ -75,9 +75,9 @@ def test_tiny_mqar_attention_and_hybrid_learn(out_dir):
     """The regression test for learning: both reach 0.97 in 150-350 steps on seeds 0-4 (about 5 and 12 s)."""
     result = mqar.main(["--tiny", "--out-dir", str(out_dir), "--no-progress"])
     assert written(out_dir, "mqar")["records"] == result["records"]
-    for record in result["records"]:
-        assert record["accuracy"] >= 0.9, f"{record['model']} did not learn the tiny MQAR instance: {record}"
-        assert not record["out_of_time"] and record["steps"] <= mqar.SIZES["tiny"]["steps"]
+    assert [r["model"] for r in result["records"]] == ["attention", "hybrid 1:1"]
+    failed = [r for r in result["records"] if r["accuracy"] < 0.9]
+    assert not failed, "did not learn the tiny MQAR instance:\n" + "\n".join(map(str, failed))
 
 
 # ---------------------------------------------------------------------------------------------------- addition
