@@ -40,8 +40,10 @@ from hybrid_lm import train_tokenizer  # noqa: E402
 SIZES = {
     "full": dict(digits=4, width=256, layers=4, steps=4000, batch=256, lr=1e-3, vocab=1024, corpus=50_000,
                  test=500),
-    "tiny": dict(digits=2, width=64, layers=2, steps=150, batch=32, lr=3e-3, vocab=300, corpus=5_000, test=100),
+    "tiny": dict(digits=2, width=64, layers=2, steps=600, batch=32, lr=3e-3, vocab=300, corpus=5_000, test=100),
 }
+TIME_BUDGET = 150  # seconds, full size
+EVAL_RESERVE = 0.1  # of the time left after setup, kept for the greedy evaluations
 BOS, PAD = 1, 0  # train_tokenizer's ids; the plain BPE gets the same special tokens in the same order
 
 
@@ -83,7 +85,9 @@ def is_correct(a: int, b: int, completion: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- model io
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    """Token ids of each text, one `encode` call per text: `encode_batch` runs on the tokenizers thread pool, whose
+    threads, woken every step, starved torch's on a 2-core CPU (the tiny run took 40x longer)."""
+    return [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
 
 
 def training_batch(tokenizer, pairs: list[tuple], device) -> dict:
@@ -134,9 +138,12 @@ def accuracy(model, tokenizer, pairs, device) -> float:
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, help="training steps per tokenizer (default: 4000, tiny: 150)")
+    p = common.parser(__doc__, TIME_BUDGET)
+    p.add_argument("--steps", type=int, help="most training steps per tokenizer (default: 4000, tiny: 600)")
     args = p.parse_args(argv)
+    if args.plot_only:
+        return {"figure": common.plot_only(args.plot_only, "arithmetic", plot)}
+    deadline = common.deadline_of(args)
     size = "tiny" if args.tiny else "full"
     spec = dict(SIZES[size])
     spec["steps"] = args.steps or spec["steps"]
@@ -166,59 +173,72 @@ def main(argv=None) -> dict:
         print(f"{name}: {tok.get_vocab_size()} tokens; {prompt(*example) + answer(*example)!r} -> "
               f"{tok.encode(prompt(*example) + answer(*example), add_special_tokens=False).tokens}")
 
-    # 3. one model per tokenizer: same config, seed, steps and problems
+    # 3. one model per tokenizer: same config, seed, steps and problems; with a budget, as many steps as fit
+    def build():
+        return common.build_model("1:1", num_layers=spec["layers"], hidden_size=spec["width"], vocab_size=vocab_size,
+                                  device=device, seed=args.seed, max_length=64)
+
+    def batches(tok, seed):
+        stream = random.Random(seed)
+        return lambda step: training_batch(tok, problems(stream, spec["batch"], 1, digits, exclude=held_out), device)
+
+    steps = spec["steps"]
+    if deadline is not None:
+        timings = [common.seconds_per_step(build(), batches(tok, args.seed + 3), device=device)
+                   for tok in tokenizers.values()]
+        steps = common.fit_steps(steps, timings, deadline, reserve=EVAL_RESERVE)
+        print(f"{', '.join(f'{t * 1e3:.1f}' for t in timings)} ms/step: {steps} steps per tokenizer fit the budget")
     records = []
-    for name, tok in tokenizers.items():
-        model = common.build_model("1:1", num_layers=spec["layers"], hidden_size=spec["width"], vocab_size=vocab_size,
-                                   device=device, seed=args.seed, max_length=64)
-        train_rng = random.Random(args.seed + 2)
-
-        def next_batch(step, tok=tok, train_rng=train_rng):
-            return training_batch(tok, problems(train_rng, spec["batch"], 1, digits, exclude=held_out), device)
-
-        result = common.train(model, next_batch, steps=spec["steps"], lr=spec["lr"], device=device,
-                              desc=name, progress=not args.no_progress)
+    for i, (name, tok) in enumerate(tokenizers.items()):
+        model = build()
+        result = common.train(model, batches(tok, args.seed + 2), steps=steps, lr=spec["lr"], device=device,
+                              deadline=common.share_of(deadline, len(tokenizers) - i), desc=name,
+                              progress=not args.no_progress)
         model.eval()
         scores = {split: accuracy(model, tok, pairs, device) for split, pairs in splits.items()}
         tokens_per_problem = sum(len(ids) for ids in encode(tok, [prompt(a, b) + answer(a, b) for a, b in corpus[:1000]]))
         records.append(dict(tokenizer=name, vocab=tok.get_vocab_size(), tokens_per_problem=tokens_per_problem / 1000,
-                            accuracy=scores, losses=result.losses, steps=result.steps, seconds=result.seconds,
-                            diverged=result.diverged, parameters=common.parameter_counts(model)[0], seed=args.seed))
+                            accuracy=scores, losses=result.losses, steps=result.steps, out_of_time=result.out_of_time,
+                            seconds=result.seconds, diverged=result.diverged,
+                            parameters=common.parameter_counts(model)[0], seed=args.seed))
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
-    header = ["tokenizer", "vocab", "tokens / problem"] + list(splits) + ["final loss"]
+    header = ["tokenizer", "vocab", "tokens / problem"] + list(splits) + ["final loss", "steps"]
     rows = [[r["tokenizer"], r["vocab"], r["tokens_per_problem"]] + [r["accuracy"][s] for s in splits]
-            + [sum(r["losses"][-50:]) / len(r["losses"][-50:])] for r in records]
+            + [sum(r["losses"][-50:]) / len(r["losses"][-50:]), r["steps"]] for r in records]
     table = common.markdown_table(header, rows)
-    figure = None
-    plt = common.pyplot(args.no_plot)
-    if plt:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for r in records:
-            left.plot(range(len(splits)), [r["accuracy"][s] for s in splits], marker="o", label=r["tokenizer"])
-            right.plot(common.smooth(r["losses"], 25), label=r["tokenizer"])
-        left.set_xticks(range(len(splits)), [s.split(" (")[0] if "+" not in s else s for s in splits], fontsize=8)
-        left.set_ylabel("exact match")
-        left.set_ylim(-0.02, 1.02)
-        left.legend()
-        right.set_yscale("log")
-        right.set_xlabel("step")
-        right.set_ylabel("answer loss (smoothed)")
-        for ax in (left, right):
-            ax.grid(alpha=0.3)
-        figure = common.save_figure(fig, args.out_dir / "arithmetic.png", plt)
+    budget = "no time budget" if deadline is None else f"steps chosen to fit the time budget ({spec['steps']} at most)"
     notes = [
         f"{size} size, seed {args.seed}: model {common.plan_label(model)}, width {spec['width']}, "
-        f"{records[0]['parameters'] / 1e6:.2f}M parameters; {spec['steps']} steps of {spec['batch']} problems "
-        f"(operands 1-{digits} digits), lr {spec['lr']}; tokenizers trained on {spec['corpus']} problems with "
-        f"vocab_size {spec['vocab']}; {spec['test']} held-out problems per column.",
+        f"{records[0]['parameters'] / 1e6:.2f}M parameters; {steps} steps of {spec['batch']} problems "
+        f"(operands 1-{digits} digits), lr {spec['lr']}, {budget}; tokenizers trained on {spec['corpus']} problems "
+        f"with vocab_size {spec['vocab']}; {spec['test']} held-out problems per column.",
         "Cells: exact match of the greedy completion. Training time: "
         + ", ".join(f"{r['tokenizer']} {r['seconds']:.0f} s" for r in records) + ".",
     ]
     common.write_results(args.out_dir, "arithmetic", title=f"Addition, digit tokens vs plain BPE ({size})",
-                         command=common.command_line(argv), notes=notes, table=table, records=records, figure=figure)
+                         command=common.command_line(argv), device=device, notes=notes, table=table, records=records,
+                         plot=plot, no_plot=args.no_plot)
     return {"records": records}
+
+
+def plot(records: list[dict], plt):
+    """Exact match per held-out split (left) and the smoothed answer loss (right), one line per tokenizer."""
+    splits = list(records[0]["accuracy"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in records:
+        left.plot(range(len(splits)), [r["accuracy"][s] for s in splits], marker="o", label=r["tokenizer"])
+        right.plot(common.smooth(r["losses"], 25), label=r["tokenizer"])
+    left.set_xticks(range(len(splits)), [s.split(" (")[0] if "+" not in s else s for s in splits], fontsize=8)
+    left.set_ylabel("exact match")
+    left.set_ylim(-0.02, 1.02)
+    left.legend()
+    right.set_yscale("log")
+    right.set_xlabel("step")
+    right.set_ylabel("answer loss (smoothed)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return fig
 
 
 if __name__ == "__main__":

@@ -4,6 +4,13 @@ The scripts beside this file (`mqar.py`, `arithmetic.py`, `lm.py`) each define a
 module holds everything they have in common, so there is one training loop with one progress bar and one way to
 write a result (`<name>.md` table, `<name>.json` records, `<name>.png` figure in `--out-dir`).
 
+Time budgets: a full-size run gets `--time-budget` seconds of wall time in all (each script has its default) and
+cannot overrun it: `train` shapes its learning-rate schedule by the larger of the step fraction and the time
+fraction and stops at its deadline; `run_jobs` gives each run a fair share of what is left; the LM and addition
+scripts, whose models must see the same steps, first time a few steps of each model (`seconds_per_step`) and
+choose the step count that fits. Figures need matplotlib; without it the table and JSON are still written, and
+`--plot-only DIR` draws the figure later from the JSON.
+
 Only hybrid_lm's public API is used: `HybridLMConfig(...)`, `HybridLMForCausalLM(config)` and the forward's
 `.loss` / `.logits`, so the scripts measure what a user gets.
 """
@@ -16,8 +23,8 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -43,16 +50,29 @@ PLANS = {
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-def parser(description: str) -> argparse.ArgumentParser:
-    """The options every script has; each script adds its own."""
+def parser(description: str, time_budget: float) -> argparse.ArgumentParser:
+    """The options every script has; each script adds its own. time_budget: the full size's default in seconds."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     p.add_argument("--tiny", action="store_true", help="a small instance that runs on a 2-core CPU in under 2 minutes")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the .md/.json/.png go (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of every model initialisation and data stream")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help=f"wall time of the whole run, setup included (default: {time_budget:.0f} at full size, "
+                        "none with --tiny, whose step counts are fixed)")
     p.add_argument("--no-plot", action="store_true", help="write no figure (matplotlib is then not needed)")
+    p.add_argument("--plot-only", type=Path, metavar="DIR", help="train nothing: draw the figure from DIR's JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(default_time_budget=time_budget)
     return p
+
+
+def deadline_of(args) -> float | None:
+    """The time.time() by which the run must be over: now + --time-budget (full size: the script's default)."""
+    budget = args.time_budget if args.time_budget is not None else None if args.tiny else args.default_time_budget
+    if budget is not None and budget <= 0:
+        raise SystemExit(f"error: --time-budget must be positive, got {budget}")
+    return None if budget is None else time.time() + budget
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,10 +148,11 @@ def plan_label(model) -> str:
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # training loss at every step
     evals: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics) at every evaluation
-    steps: int = 0  # steps taken (fewer than asked when stop_when fired)
+    steps: int = 0  # steps taken (fewer than asked when stop_when fired or the deadline came)
     tokens: int = 0  # tokens fed to the model
     seconds: float = 0.0  # training wall time, evaluations excluded
     diverged: bool = False
+    out_of_time: bool = False  # the deadline ended the run before its steps were done
 
     @property
     def tokens_per_s(self) -> float:
@@ -140,26 +161,37 @@ class TrainResult:
 
 def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, device: torch.device,
           weight_decay: float = 0.1, warmup: float = 0.05, evaluate: Callable[[], dict] | None = None,
-          eval_every: int = 0, stop_when: Callable[[dict], bool] | None = None, desc: str = "train",
-          progress: bool = True) -> TrainResult:
+          eval_every: int = 0, stop_when: Callable[[dict], bool] | None = None, deadline: float | None = None,
+          desc: str = "train", progress: bool = True) -> TrainResult:
     """AdamW with linear warm-up and cosine decay to 10%, gradient clipping at 1, bf16 autocast on CUDA.
 
     next_batch(step) returns the model's keyword arguments (input_ids, labels, ...); the loss is the model's own
     `.loss`. evaluate() runs every eval_every steps and at the end (in eval mode, without gradients); training
     stops early once stop_when(metrics) is true. A non-finite loss ends the run and marks it diverged.
+
+    The schedule follows the run's progress: the fraction of `steps` taken or, with a `deadline` (a time.time()),
+    the fraction of the time from the end of the first step (which compiles kernels) to the deadline, whichever is
+    larger; the run ends when either reaches 1. Without a deadline, or when it is not reached, that is the usual
+    step schedule.
     """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms, biases, A_log, D
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98),
                                   fused=device.type == "cuda")
-    warmup_steps = max(1, int(warmup * steps))
+    clock_start = None  # set after the first step
+
+    def progress_at(step):
+        fraction = (step + 1) / steps
+        if deadline is not None and clock_start is not None:
+            fraction = max(fraction, (time.time() - clock_start) / max(deadline - clock_start, 1e-9))
+        return min(fraction, 1.0)
 
     def schedule(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+        p = progress_at(step)
+        if p < warmup:
+            return p / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (p - warmup) / (1 - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -187,14 +219,16 @@ def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, de
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         pending.append(loss.detach())
         synchronize(device)
         result.seconds += time.perf_counter() - start
+        clock_start = clock_start or time.time()
+        scheduler.step()
         result.tokens += batch["input_ids"].numel()
         result.steps = step + 1
         bar.update(1)
-        last = step + 1 == steps
+        result.out_of_time = deadline is not None and time.time() >= deadline and step + 1 < steps
+        last = step + 1 == steps or result.out_of_time
         if len(pending) >= 50 or last or (eval_every and (step + 1) % eval_every == 0):
             result.losses.extend(torch.stack(pending).float().tolist())
             pending.clear()
@@ -206,10 +240,22 @@ def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, de
             metrics = run_eval(step + 1)
             if stop_when is not None and stop_when(metrics):
                 break
+        if result.out_of_time:
+            break
     if evaluate is not None and (not result.evals or result.evals[-1][0] != result.steps):
         run_eval(result.steps)
     bar.close()
     return result
+
+
+def seconds_per_step(model, next_batch: Callable[[int], dict], *, device: torch.device, warmup: int = 3,
+                     timed: int = 5) -> float:
+    """Training-step time of `model` on next_batch(0), next_batch(1), ... after `warmup` steps (kernels compiled,
+    allocator warm). The model is trained on the way (lr 0: its weights stay, AdamW's moments do not matter):
+    pass one built for the purpose."""
+    train(model, next_batch, steps=warmup, lr=0.0, device=device, progress=False)
+    return train(model, lambda step: next_batch(warmup + step), steps=timed, lr=0.0, device=device,
+                 progress=False).seconds / timed
 
 
 def synchronize(device: torch.device) -> None:
@@ -217,26 +263,63 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_jobs(function: Callable, jobs: list[dict], *, workers: int, desc: str, progress: bool = True) -> list:
-    """function(**job) for every job, in `workers` processes (1: in this one), results in the order of jobs.
+def fit_steps(steps: int, seconds_per_step: list[float], deadline: float | None, reserve: float = 0.1) -> int:
+    """The most steps (at most `steps`) that every model of seconds_per_step can take one after the other before
+    the deadline, keeping `reserve` of the time left for evaluations; `steps` itself without a deadline."""
+    if deadline is None:
+        return steps
+    return max(1, min(steps, int((deadline - time.time()) * (1 - reserve) / sum(seconds_per_step))))
+
+
+def share_of(deadline: float | None, parts: int) -> float | None:
+    """The deadline of the next of `parts` equal parts of the time left (None without a deadline)."""
+    return None if deadline is None else time.time() + max(0.0, deadline - time.time()) / parts
+
+
+def run_jobs(function: Callable, jobs: list[dict], *, workers: int, deadline: float | None, desc: str,
+             progress: bool = True) -> list:
+    """function(**job, deadline=...) for every job, in `workers` processes (1: in this one), results in the order
+    of jobs.
 
     Small models on a GPU are bound by kernel launches, not by the GPU: several processes sharing it get through a
     grid several times faster than one. `function` must be a module-level function of an importable module.
+
+    With a deadline (a time.time()) each job, when it is handed to a worker, gets a fair share of the time left:
+    (deadline - now) * workers / (jobs not started + workers - 1), counted from when it starts (so a worker's
+    start-up is not charged to it) and never past the deadline. Jobs that finish early (a run that stopped at its
+    target) leave their time to the ones after them. Without one, every job gets deadline None.
     """
     results = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, dynamic_ncols=True)
+
+    def share(started):
+        if deadline is None:
+            return None
+        return max(0.0, deadline - time.time()) * workers / (len(jobs) - started + workers - 1)
+
     if workers <= 1:
         for i, job in enumerate(jobs):
-            results[i] = function(**job)
+            results[i] = _timed(function, job, share(i), deadline)
             bar.update(1)
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-            futures = {pool.submit(function, **job): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update(1)
+            running, started = {}, 0
+            while started < len(jobs) or running:
+                while started < len(jobs) and len(running) < workers:
+                    future = pool.submit(_timed, function, jobs[started], share(started), deadline)
+                    running[future] = started
+                    started += 1
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[running.pop(future)] = future.result()
+                    bar.update(1)
     bar.close()
     return results
+
+
+def _timed(function: Callable, job: dict, seconds: float | None, deadline: float | None):
+    """function(**job) with its own deadline: `seconds` from now, at most the overall deadline."""
+    return function(**job, deadline=None if seconds is None else min(time.time() + seconds, deadline))
 
 
 def _worker_init():
@@ -256,57 +339,75 @@ def markdown_table(header: list[str], rows: Iterable[list]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+def environment(device: torch.device) -> str:
     import transformers
-    return f"{device}, torch {torch.__version__}, transformers {transformers.__version__}, hybrid_lm {hybrid_lm.__version__}"
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, hybrid_lm {hybrid_lm.__version__}"
 
 
-def write_results(out_dir: Path, name: str, *, title: str, command: str, notes: list[str], table: str,
-                  records: list[dict], figure: Path | None) -> Path:
-    """Prints the table and writes `<name>.md` (ready to paste into RESULTS.md) and `<name>.json`."""
+def write_results(out_dir: Path, name: str, *, title: str, command: str, device: torch.device, notes: list[str],
+                  table: str, records: list[dict], plot: Callable, no_plot: bool) -> Path:
+    """Writes `<name>.json` (everything below), `<name>.png` (plot(records, plt) -> figure; skipped, and said so,
+    without matplotlib) and `<name>.md` (ready to paste into RESULTS.md), and prints the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"### {title}", "", "```", f"$ {command}", "```", "", f"Machine: {environment()}.", ""]
-    lines += [f"- {note}" for note in notes] + [""] + [table, ""]
-    if figure is not None:
-        lines += [f"![{title}]({figure.name})", ""]
-    text = "\n".join(lines)
+    payload = dict(title=title, command=command, machine=environment(device), notes=notes, table=table,
+                   records=records)
+    payload = json.loads(json.dumps(payload, default=_jsonable))  # the figure is drawn from what --plot-only reads
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    figure = None if no_plot else _draw(out_dir, name, payload, plot)
     path = out_dir / f"{name}.md"
-    path.write_text(text)
-    (out_dir / f"{name}.json").write_text(json.dumps({"command": command, "records": records}, indent=1, default=_jsonable))
-    print("\n" + text)
+    path.write_text(_markdown(payload, figure))
+    print("\n" + path.read_text())
     print(f"wrote {path}, {path.with_suffix('.json')}" + (f", {figure}" if figure else ""))
     return path
 
 
-def _jsonable(value):
-    if isinstance(value, TrainResult):
-        return asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+def plot_only(directory: Path, name: str, plot: Callable) -> Path:
+    """--plot-only: draws `<name>.png` from `<name>.json` in `directory` and adds it to `<name>.md`."""
+    source = directory / f"{name}.json"
+    if not source.is_file():
+        raise SystemExit(f"error: --plot-only {directory}: there is no {source.name} (write it with --out-dir {directory})")
+    payload = json.loads(source.read_text())
+    figure = _draw(directory, name, payload, plot)
+    if figure is None:
+        raise SystemExit("error: --plot-only needs matplotlib: pip install matplotlib")
+    (directory / f"{name}.md").write_text(_markdown(payload, figure))
+    print(f"wrote {figure}, {directory / f'{name}.md'}")
+    return figure
 
 
-def pyplot(no_plot: bool):
-    """matplotlib.pyplot (Agg backend), or None when plots are off or matplotlib is missing (said once)."""
-    if no_plot:
-        return None
+def _markdown(payload: dict, figure: Path | None) -> str:
+    lines = [f"### {payload['title']}", "", "```", f"$ {payload['command']}", "```", "",
+             f"Machine: {payload['machine']}.", ""]
+    lines += [f"- {note}" for note in payload["notes"]] + ["", payload["table"], ""]
+    if figure is not None:
+        lines += [f"![{payload['title']}]({figure.name})", ""]
+    return "\n".join(lines)
+
+
+def _draw(directory: Path, name: str, payload: dict, plot: Callable) -> Path | None:
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed, so no figure is written: pip install matplotlib")
+        print(f"matplotlib is not installed, so the figure was skipped: pip install matplotlib, then "
+              f"`{Path(sys.argv[0]).name} --plot-only {directory}` draws it from {name}.json")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
 
-
-def save_figure(fig, path: Path, plt) -> Path:
-    """Lays out, writes (PNG, 120 dpi) and closes `fig`; returns `path`."""
+    fig = plot(payload["records"], plt)
     fig.tight_layout()
+    path = directory / f"{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def smooth(values: list[float], window: int) -> list[float]:

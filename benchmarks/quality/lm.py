@@ -39,6 +39,8 @@ from quickstart import Blocks, read_corpus  # noqa: E402
 
 from hybrid_lm import train_tokenizer  # noqa: E402
 
+TIME_BUDGET = 180  # seconds, full size
+EVAL_RESERVE = 0.05  # of the time left after setup, kept for the held-out evaluations
 MODELS = ["attention", "mamba", "1:3"]
 LABELS = {"attention": "attention", "mamba": "mamba", "1:3": "hybrid 1:3"}
 SIZES = {
@@ -58,10 +60,13 @@ def matched_intermediate(build, target: int) -> int:
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, help="training steps per model (default: 1200, tiny: 40)")
+    p = common.parser(__doc__, TIME_BUDGET)
+    p.add_argument("--steps", type=int, help="most training steps per model (default: 1200, tiny: 40)")
     p.add_argument("--corpus", type=Path, help="a text file or folder instead of the standard library")
     args = p.parse_args(argv)
+    if args.plot_only:
+        return {"figure": common.plot_only(args.plot_only, "lm", plot)}
+    deadline = common.deadline_of(args)
     size = "tiny" if args.tiny else "full"
     spec = dict(SIZES[size])
     spec["steps"] = args.steps or spec["steps"]
@@ -92,10 +97,21 @@ def main(argv=None) -> dict:
                 lambda i, plan=plan, experts=experts: build(plan, experts, i), target)
             runs.append((plan, experts, intermediate))
 
-    records = []
+    # 3. the same steps and batches for all six: with a budget, as many steps as fit (a few steps of each timed)
+    steps = spec["steps"]
+    if deadline is not None:
+        def random_blocks(step):
+            blocks = train_set.blocks[torch.randint(len(train_set), (spec["batch"],))].to(device)
+            return {"input_ids": blocks, "labels": blocks}
+
+        timings = [common.seconds_per_step(build(plan, experts, intermediate, device), random_blocks, device=device)
+                   for plan, experts, intermediate in runs]
+        steps = common.fit_steps(steps, timings, deadline, reserve=EVAL_RESERVE)
+        print(f"{', '.join(f'{t * 1e3:.0f}' for t in timings)} ms/step: {steps} steps per model fit the budget")
     generator = torch.Generator().manual_seed(args.seed)
-    order = torch.randint(len(train_set), (spec["steps"], spec["batch"]), generator=generator)  # same batches for all
-    for plan, experts, intermediate in runs:
+    order = torch.randint(len(train_set), (steps, spec["batch"]), generator=generator)
+    records = []
+    for i, (plan, experts, intermediate) in enumerate(runs):
         name = f"{LABELS[plan]} {'MoE' if experts > 1 else 'dense'}"
         model = build(plan, experts, intermediate, device)
         total, active = common.parameter_counts(model)
@@ -109,13 +125,15 @@ def main(argv=None) -> dict:
                       for b in eval_blocks.split(spec["batch"])]
             return {"loss": sum(losses) / len(losses)}
 
-        result = common.train(model, next_batch, steps=spec["steps"], lr=spec["lr"], device=device,
-                              evaluate=evaluate, desc=name, progress=not args.no_progress)
+        result = common.train(model, next_batch, steps=steps, lr=spec["lr"], device=device, evaluate=evaluate,
+                              deadline=common.share_of(deadline, len(runs) - i), desc=name,
+                              progress=not args.no_progress)
         loss = result.evals[-1][1]["loss"]
         records.append(dict(model=name, plan=model.config.layers_block_type, experts=experts,
                             intermediate_size=intermediate, parameters=total, active=active, held_out_loss=loss,
                             perplexity=math.exp(loss), tokens_per_s=result.tokens_per_s, tokens=result.tokens,
-                            losses=result.losses, seconds=result.seconds, diverged=result.diverged, seed=args.seed))
+                            losses=result.losses, steps=result.steps, out_of_time=result.out_of_time,
+                            seconds=result.seconds, diverged=result.diverged, seed=args.seed))
         print(f"{name}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active), held-out perplexity "
               f"{math.exp(loss):.2f}, {result.tokens_per_s:,.0f} tokens/s")
         del model
@@ -124,25 +142,9 @@ def main(argv=None) -> dict:
     rows = [[r["model"], r["intermediate_size"], r["parameters"] / 1e6, r["active"] / 1e6, r["perplexity"],
              r["tokens_per_s"]] for r in records]
     table = common.markdown_table(header, rows)
-    figure = None
-    plt = common.pyplot(args.no_plot)
-    if plt:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        tokens_per_step = spec["batch"] * spec["seq_len"]
-        for r in records:
-            x = [(i + 1) * tokens_per_step / 1e6 for i in range(len(r["losses"]))]
-            ax.plot(x, common.smooth(r["losses"], max(1, spec["steps"] // 50)), label=r["model"],
-                    linestyle="--" if r["experts"] > 1 else "-")
-        ax.set_xlabel("training tokens (M)")
-        ax.set_ylabel("training loss (smoothed)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        figure = common.save_figure(fig, args.out_dir / "lm.png", plt)
     notes = [
         f"{size} size, seed {args.seed}: {spec['layers']} layers, width {spec['width']}, vocabulary {len(tokenizer)}; "
-        f"{spec['steps']} steps of {spec['batch']} x {spec['seq_len']} tokens ({records[0]['tokens']:,} tokens "
+        f"{steps} steps{'' if deadline is None else ' (as many as fit the time budget)'} of {spec['batch']} x {spec['seq_len']} tokens ({records[0]['tokens']:,} tokens "
         f"per model, the same batches for all), lr {spec['lr']}; corpus {spec['corpus_mb']} MB of "
         f"{'the standard library' if args.corpus is None else args.corpus}; held-out perplexity over "
         f"{eval_blocks.numel():,} tokens.",
@@ -150,8 +152,25 @@ def main(argv=None) -> dict:
         "active counts 2 of the 8 experts.",
     ]
     common.write_results(args.out_dir, "lm", title=f"Language modelling on the quickstart corpus ({size})",
-                         command=common.command_line(argv), notes=notes, table=table, records=records, figure=figure)
+                         command=common.command_line(argv), device=device, notes=notes, table=table, records=records,
+                         plot=plot, no_plot=args.no_plot)
     return {"records": records}
+
+
+def plot(records: list[dict], plt):
+    """Training loss against tokens seen, one line per model (MoE dashed)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for r in records:
+        tokens_per_step = r["tokens"] / r["steps"]
+        x = [(i + 1) * tokens_per_step / 1e6 for i in range(len(r["losses"]))]
+        ax.plot(x, common.smooth(r["losses"], max(1, len(r["losses"]) // 50)), label=r["model"],
+                linestyle="--" if r["experts"] > 1 else "-")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 if __name__ == "__main__":
