@@ -14,7 +14,8 @@ torch.compile is tracing; never by trying and catching an error:
 - "grouped_mm": `torch._grouped_mm`. On CUDA only where it has its fast kernel (bfloat16 on sm90 / sm100,
   torch >= 2.8): elsewhere CUDA's own fallback copies `offs` to the host. On CPU from torch 2.9 in eager mode
   for float32 / bfloat16 / float16, and under torch.compile for bfloat16 only (torch's fake kernel rejects the
-  other dtypes, as of 2.13). Every row stride must be a multiple of 16 bytes: Din * itemsize % 16 == 0.
+  other dtypes, as of 2.13). Every row stride must be a multiple of 16 bytes, the backward's too:
+  Din * itemsize % 16 == 0 and Dout * itemsize % 16 == 0.
 - "loop": one `mm` per expert inside a custom op, so torch.compile sees one opaque node (no graph break, no
   every-expert-on-every-token dense path) and autograd one backward. It reads `offs` on the host once per call:
   free on CPU, a host sync on CUDA (float32 / float16 there, or GPUs before sm90).
@@ -109,7 +110,10 @@ def grouped_mm_backend(x: torch.Tensor, w: torch.Tensor) -> str:
 
     x: (S, Din), w: (E, Din, Dout), both of one dtype. The rules are in the module docstring.
     """
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or not (_row_aligned(x) and _row_aligned(w)):
+    # the backward multiplies (S, Dout) gradients by w transposed: Dout's rows must be aligned as well as Din's
+    out_aligned = w.shape[-1] * w.element_size() % 16 == 0
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or not (_row_aligned(x) and _row_aligned(w)
+                                                                         and out_aligned):
         return "loop"
     if x.device.type == "cuda":
         sm_major = torch.cuda.get_device_capability(x.device)[0]

@@ -117,8 +117,9 @@ def _passes_self_check(backend: str, device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return True
     try:
-        # the check runs backward passes: it must work when the first call comes from generate() (no_grad) too
-        with torch.inference_mode(False), torch.enable_grad():
+        # the check runs backward passes: it must work when the first call comes from generate() (no_grad) too,
+        # and it compares float32 results: an autocast region around the first call must not lower them
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             _self_check(backend, device)
     except Exception as error:  # any failure of a fast tier means: use the next one
         _announce(f"hybrid_lm: the '{backend}' Mamba kernels failed their self-check on {device} and are "

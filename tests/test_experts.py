@@ -132,6 +132,7 @@ def test_backend_rules_on_cpu():
     assert grouped_mm_backend(torch.randn(5, 16), linear_weights.transpose(-2, -1)) == "grouped_mm"
     assert grouped_mm_backend(torch.randn(5, 24), torch.randn(4, 24, 16)) == "grouped_mm"
     assert grouped_mm_backend(torch.randn(5, 6), torch.randn(4, 6, 16)) == "loop"  # 24-byte rows
+    assert grouped_mm_backend(torch.randn(5, 16), torch.randn(4, 16, 6)) == "loop"  # 24-byte gradient rows
     assert grouped_mm_backend(torch.randn(5, 8, dtype=torch.float64), torch.randn(4, 8, 16, dtype=torch.float64)) == "loop"
 
 
@@ -145,6 +146,7 @@ def test_backend_rules_on_cpu():
     pytest.param((2, 3), {"num_experts_per_tok": 4}, id="K=E"),
     pytest.param((1, 2), {"num_experts": 8}, id="empty-experts"),
     pytest.param((2, 4), {"mlp_bias": True, "norm_topk_prob": True}, id="bias-normalised"),
+    pytest.param((2, 5), {"intermediate_size": 50}, id="unaligned-intermediate"),  # 100-byte bf16 rows
 ])
 def test_grouped_block_matches_per_expert_reference(dtype, shape, overrides):
     block = make_block(dtype=dtype, **overrides)
