@@ -682,7 +682,8 @@ def _check_quantized_layers(model, user_skips: list[str] | None) -> None:
             "quantization_config, or pass llm_int8_skip_modules=['lm_head'] to quantize the Mamba projections too"
         )
     kept = [name for name, module in layers.items() if type(module) is nn.Linear]  # what bitsandbytes converts
-    for entry in user_skips or []:
+    # the default entries name the heads of every task class ("score" is no layer of the causal LM): not reported
+    for entry in [e for e in user_skips or [] if e not in model._quantization_skip_modules]:
         if all(should_convert_module(name, [entry]) for name in kept):
             logger.warning(
                 f"llm_int8_skip_modules entry {entry!r} keeps no layer of {type(model).__name__} in high precision: "
