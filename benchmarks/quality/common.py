@@ -248,11 +248,11 @@ def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, de
     return result
 
 
-def seconds_per_step(model, next_batch: Callable[[int], dict], *, device: torch.device, warmup: int = 3,
-                     timed: int = 5) -> float:
+def seconds_per_step(model, next_batch: Callable[[int], dict], *, device: torch.device, warmup: int = 2,
+                     timed: int = 3) -> float:
     """Training-step time of `model` on next_batch(0), next_batch(1), ... after `warmup` steps (kernels compiled,
-    allocator warm). The model is trained on the way (lr 0: its weights stay, AdamW's moments do not matter):
-    pass one built for the purpose."""
+    allocator warm). The steps run at learning rate 0, so the weights stay those of the initialisation and the
+    model can be trained afterwards as if freshly built."""
     train(model, next_batch, steps=warmup, lr=0.0, device=device, progress=False)
     return train(model, lambda step: next_batch(warmup + step), steps=timed, lr=0.0, device=device,
                  progress=False).seconds / timed
@@ -265,15 +265,11 @@ def synchronize(device: torch.device) -> None:
 
 def fit_steps(steps: int, seconds_per_step: list[float], deadline: float | None, reserve: float = 0.1) -> int:
     """The most steps (at most `steps`) that every model of seconds_per_step can take one after the other before
-    the deadline, keeping `reserve` of the time left for evaluations; `steps` itself without a deadline."""
+    the deadline, keeping `reserve` of the time left for evaluations; `steps` itself without a deadline. The models
+    then train with the overall deadline as theirs, which only a wrong estimate makes them reach."""
     if deadline is None:
         return steps
     return max(1, min(steps, int((deadline - time.time()) * (1 - reserve) / sum(seconds_per_step))))
-
-
-def share_of(deadline: float | None, parts: int) -> float | None:
-    """The deadline of the next of `parts` equal parts of the time left (None without a deadline)."""
-    return None if deadline is None else time.time() + max(0.0, deadline - time.time()) / parts
 
 
 def run_jobs(function: Callable, jobs: list[dict], *, workers: int, deadline: float | None, desc: str,
