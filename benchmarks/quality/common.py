@@ -11,8 +11,8 @@ scripts, whose models must see the same steps, first time a few steps of each mo
 choose the step count that fits. Figures need matplotlib; without it the table and JSON are still written, and
 `--plot-only DIR` draws the figure later from the JSON.
 
-Only hybrid_lm's public API is used: `HybridLMConfig(...)`, `HybridLMForCausalLM(config)` and the forward's
-`.loss` / `.logits`, so the scripts measure what a user gets.
+Only hybrid_lm's public API is used: `HybridLMConfig(...)`, `HybridLMForCausalLM(config)`, the forward's `.loss` /
+`.logits` and transformers' `base_model` / `get_output_embeddings()`, so the scripts measure what a user gets.
 """
 
 import argparse
@@ -349,7 +349,7 @@ def write_results(out_dir: Path, name: str, *, title: str, command: str, device:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(title=title, command=command, machine=environment(device), notes=notes, table=table,
                    records=records)
-    payload = json.loads(json.dumps(payload, default=_jsonable))  # the figure is drawn from what --plot-only reads
+    payload = json.loads(json.dumps(payload))  # the figure is drawn from what --plot-only reads
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
     figure = None if no_plot else _draw(out_dir, name, payload, plot)
     path = out_dir / f"{name}.md"
@@ -398,12 +398,6 @@ def _draw(directory: Path, name: str, payload: dict, plot: Callable) -> Path | N
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def smooth(values: list[float], window: int) -> list[float]:
