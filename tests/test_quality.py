@@ -62,13 +62,16 @@ def test_mqar_batch_follows_zoology():
         assert sorted(k for k in query_region if k) == sorted(keys)  # each key queried once, the rest is 0
 
 
-def test_mqar_accuracy_counts_answers_only():
-    labels = torch.tensor([[-100, -100, 7, -100, 5]])
-    logits = torch.zeros(1, 5, 10)
-    logits[0, 1, 7] = 1  # right answer for position 2
-    logits[0, 3, 4] = 1  # wrong answer for position 4
-    logits[0, 0, 3] = 1  # a non-answer position: ignored
-    assert mqar.answer_accuracy(logits, labels) == (1, 2)
+def test_mqar_accuracy_counts_answers_only_and_matches_the_full_logits():
+    model = common.build_model("1:1", num_layers=2, hidden_size=32, vocab_size=64, device=torch.device("cpu"), seed=0)
+    input_ids, labels = mqar.mqar_batch(8, 32, 4, 64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        correct, answers = mqar.answer_accuracy(model, input_ids, labels)
+        predicted = model(input_ids=input_ids).logits[:, :-1].argmax(-1)
+    mask = labels[:, 1:] != -100
+    assert answers == 8 * 4 and correct == int((predicted == labels[:, 1:])[mask].sum())
+    labels_all_right = torch.where(mask, predicted, -100)
+    assert mqar.answer_accuracy(model, input_ids, torch.cat([labels[:, :1], labels_all_right], 1)) == (32, 32)
 
 
 def test_tiny_mqar_attention_and_hybrid_learn(out_dir):
@@ -191,6 +194,17 @@ def test_train_stops_at_its_deadline():
                           device=torch.device("cpu"), deadline=deadline, progress=False)
     assert result.out_of_time and 5 < result.steps < 100 and time.time() < deadline + 0.2
     assert len(result.losses) == result.steps
+
+
+def test_timing_steps_leaves_the_initialisation_as_it_was():
+    model = common.build_model("1:1", num_layers=2, hidden_size=32, vocab_size=64, device=torch.device("cpu"), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {"input_ids": torch.randint(64, (2, 16)), "labels": torch.randint(64, (2, 16))}
+    assert common.seconds_per_step(model, lambda step: batch, device=torch.device("cpu")) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert common.fit_steps(1000, [0.5, 1.5], deadline=time.time() + 21, reserve=0.1) == 9  # 18.9 s / 2 s a step
+    assert common.fit_steps(5, [0.5, 1.5], deadline=time.time() + 20) == 5
+    assert common.fit_steps(5, [0.5], deadline=None) == 5
 
 
 def test_run_jobs_shares_the_time_left_and_never_passes_the_deadline():

@@ -13,14 +13,17 @@ beyond the lengths seen in training.
 Same model (a 4-layer hybrid, a:m 1:1, dense MLPs, width 256), same seed, same steps and the same problems for
 both tokenizers. Training: operands with 1..4 digits (the number of digits uniform, then the number uniform), the
 sum written in the usual order, loss on the answer tokens only (`c` and the newline), AdamW 1e-3 with warm-up and
-cosine decay, 4000 steps of 256 problems, a fresh batch each step, the held-out problems never among them.
+cosine decay, up to 4000 steps of 256 problems, a fresh batch each step, the held-out problems never among them.
+Full size, the whole run fits `--time-budget` (default 110 s): after the tokenizers, a few steps of each model are
+timed and both get the most steps (at most 4000) that fit, keeping a tenth of the time for the evaluations.
 
 Scoring: exact match of the greedy completion of the prompt `a+b=` (plain forwards without a cache, the prompts
 being short; each batch holds prompts of one token length so nothing is padded), cut at the first newline,
 against str(a + b). Three held-out sets: in distribution (1..4 digits, like training), and both operands with
 exactly 5 (one more) and 6 (two more) digits.
 
---tiny: operands of 1..2 digits (tested at 3 and 4), a 2-layer width-64 model, 150 steps; runs on a CPU.
+--tiny: operands of 1..2 digits (tested at 3 and 4), a 2-layer width-64 model, 600 steps of 32 problems: about
+35 s on a 2-core CPU, where the digit tokens already lead in distribution (seed 0: 0.74 against 0.27).
 """
 
 import random
@@ -42,7 +45,7 @@ SIZES = {
                  test=500),
     "tiny": dict(digits=2, width=64, layers=2, steps=600, batch=32, lr=3e-3, vocab=300, corpus=5_000, test=100),
 }
-TIME_BUDGET = 150  # seconds, full size
+TIME_BUDGET = 110  # seconds, full size
 EVAL_RESERVE = 0.1  # of the time left after setup, kept for the greedy evaluations
 BOS, PAD = 1, 0  # train_tokenizer's ids; the plain BPE gets the same special tokens in the same order
 
@@ -182,17 +185,17 @@ def main(argv=None) -> dict:
         stream = random.Random(seed)
         return lambda step: training_batch(tok, problems(stream, spec["batch"], 1, digits, exclude=held_out), device)
 
+    models = [build() for _ in tokenizers]
     steps = spec["steps"]
     if deadline is not None:
-        timings = [common.seconds_per_step(build(), batches(tok, args.seed + 3), device=device)
-                   for tok in tokenizers.values()]
+        timings = [common.seconds_per_step(model, batches(tok, args.seed + 3), device=device)
+                   for model, tok in zip(models, tokenizers.values())]
         steps = common.fit_steps(steps, timings, deadline, reserve=EVAL_RESERVE)
         print(f"{', '.join(f'{t * 1e3:.1f}' for t in timings)} ms/step: {steps} steps per tokenizer fit the budget")
     records = []
-    for i, (name, tok) in enumerate(tokenizers.items()):
-        model = build()
+    for (name, tok), model in zip(tokenizers.items(), models):
         result = common.train(model, batches(tok, args.seed + 2), steps=steps, lr=spec["lr"], device=device,
-                              deadline=common.share_of(deadline, len(tokenizers) - i), desc=name,
+                              deadline=deadline, desc=name,
                               progress=not args.no_progress)
         model.eval()
         scores = {split: accuracy(model, tok, pairs, device) for split, pairs in splits.items()}

@@ -11,8 +11,8 @@ scripts, whose models must see the same steps, first time a few steps of each mo
 choose the step count that fits. Figures need matplotlib; without it the table and JSON are still written, and
 `--plot-only DIR` draws the figure later from the JSON.
 
-Only hybrid_lm's public API is used: `HybridLMConfig(...)`, `HybridLMForCausalLM(config)` and the forward's
-`.loss` / `.logits`, so the scripts measure what a user gets.
+Only hybrid_lm's public API is used: `HybridLMConfig(...)`, `HybridLMForCausalLM(config)`, the forward's `.loss` /
+`.logits` and transformers' `base_model` / `get_output_embeddings()`, so the scripts measure what a user gets.
 """
 
 import argparse
@@ -248,11 +248,11 @@ def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, de
     return result
 
 
-def seconds_per_step(model, next_batch: Callable[[int], dict], *, device: torch.device, warmup: int = 3,
-                     timed: int = 5) -> float:
+def seconds_per_step(model, next_batch: Callable[[int], dict], *, device: torch.device, warmup: int = 2,
+                     timed: int = 3) -> float:
     """Training-step time of `model` on next_batch(0), next_batch(1), ... after `warmup` steps (kernels compiled,
-    allocator warm). The model is trained on the way (lr 0: its weights stay, AdamW's moments do not matter):
-    pass one built for the purpose."""
+    allocator warm). The steps run at learning rate 0, so the weights stay those of the initialisation and the
+    model can be trained afterwards as if freshly built."""
     train(model, next_batch, steps=warmup, lr=0.0, device=device, progress=False)
     return train(model, lambda step: next_batch(warmup + step), steps=timed, lr=0.0, device=device,
                  progress=False).seconds / timed
@@ -265,15 +265,11 @@ def synchronize(device: torch.device) -> None:
 
 def fit_steps(steps: int, seconds_per_step: list[float], deadline: float | None, reserve: float = 0.1) -> int:
     """The most steps (at most `steps`) that every model of seconds_per_step can take one after the other before
-    the deadline, keeping `reserve` of the time left for evaluations; `steps` itself without a deadline."""
+    the deadline, keeping `reserve` of the time left for evaluations; `steps` itself without a deadline. The models
+    then train with the overall deadline as theirs, which only a wrong estimate makes them reach."""
     if deadline is None:
         return steps
     return max(1, min(steps, int((deadline - time.time()) * (1 - reserve) / sum(seconds_per_step))))
-
-
-def share_of(deadline: float | None, parts: int) -> float | None:
-    """The deadline of the next of `parts` equal parts of the time left (None without a deadline)."""
-    return None if deadline is None else time.time() + max(0.0, deadline - time.time()) / parts
 
 
 def run_jobs(function: Callable, jobs: list[dict], *, workers: int, deadline: float | None, desc: str,
@@ -353,7 +349,7 @@ def write_results(out_dir: Path, name: str, *, title: str, command: str, device:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(title=title, command=command, machine=environment(device), notes=notes, table=table,
                    records=records)
-    payload = json.loads(json.dumps(payload, default=_jsonable))  # the figure is drawn from what --plot-only reads
+    payload = json.loads(json.dumps(payload))  # the figure is drawn from what --plot-only reads
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
     figure = None if no_plot else _draw(out_dir, name, payload, plot)
     path = out_dir / f"{name}.md"
@@ -402,12 +398,6 @@ def _draw(directory: Path, name: str, payload: dict, plot: Callable) -> Path | N
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def smooth(values: list[float], window: int) -> list[float]:
