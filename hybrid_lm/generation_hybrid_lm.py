@@ -59,9 +59,6 @@ class StaticDecodingCaches:
         self._caches[batch] = (device, dtype, length, cache)
         return cache
 
-    def clear(self) -> None:
-        self._caches.clear()
-
 
 def static_decoding_kwargs(model, inputs, generation_config, kwargs: dict) -> dict | None:
     """The keyword arguments (`generation_config` among them) that make `model.generate(inputs, **them)` decode
