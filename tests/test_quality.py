@@ -74,6 +74,14 @@ def test_mqar_accuracy_counts_answers_only_and_matches_the_full_logits():
     assert mqar.answer_accuracy(model, input_ids, torch.cat([labels[:, :1], labels_all_right], 1)) == (32, 32)
 
 
+def test_mqar_training_loss_is_the_models_own_loss():
+    model = common.build_model("1:1", num_layers=2, hidden_size=32, vocab_size=64, device=torch.device("cpu"), seed=0)
+    input_ids, labels = mqar.mqar_batch(8, 32, 4, 64, torch.Generator().manual_seed(0))
+    model.config.fused_loss = False  # transformers' loss over the full logits: the reference
+    expected = model(input_ids=input_ids, labels=labels).loss
+    torch.testing.assert_close(mqar.answer_loss(model, {"input_ids": input_ids, "labels": labels}), expected)
+
+
 def test_tiny_mqar_attention_and_hybrid_learn(out_dir):
     """The regression test for learning: both reach 0.97 in 150-350 steps on seeds 0-4 (about 5 and 12 s)."""
     result = mqar.main(["--tiny", "--out-dir", str(out_dir), "--no-progress"])

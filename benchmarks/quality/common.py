@@ -162,12 +162,13 @@ class TrainResult:
 def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, device: torch.device,
           weight_decay: float = 0.1, warmup: float = 0.05, evaluate: Callable[[], dict] | None = None,
           eval_every: int = 0, stop_when: Callable[[dict], bool] | None = None, deadline: float | None = None,
-          desc: str = "train", progress: bool = True) -> TrainResult:
+          desc: str = "train", progress: bool = True,
+          loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None) -> TrainResult:
     """AdamW with linear warm-up and cosine decay to 10%, gradient clipping at 1, bf16 autocast on CUDA.
 
     next_batch(step) returns the model's keyword arguments (input_ids, labels, ...); the loss is the model's own
-    `.loss`. evaluate() runs every eval_every steps and at the end (in eval mode, without gradients); training
-    stops early once stop_when(metrics) is true. A non-finite loss ends the run and marks it diverged.
+    `.loss`, or loss_fn(model, batch) when given. evaluate() runs every eval_every steps and at the end (in eval
+    mode, without gradients); training stops early once stop_when(metrics) is true. A non-finite loss ends the run and marks it diverged.
 
     The schedule follows the run's progress: the fraction of `steps` taken or, with a `deadline` (a time.time()),
     the fraction of the time from the end of the first step (which compiles kernels) to the deadline, whichever is
@@ -214,7 +215,7 @@ def train(model, next_batch: Callable[[int], dict], *, steps: int, lr: float, de
         synchronize(device)
         start = time.perf_counter()
         with autocast:
-            loss = model(**batch).loss
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -98,13 +98,27 @@ def mqar_batch(batch: int, length: int, pairs: int, vocab: int, generator: torch
     return input_ids, labels
 
 
-def answer_accuracy(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(correct, answers): the argmax at t - 1 against labels[t] wherever labels[t] != -100. The head runs at those
-    positions only: the full logits of the 1000 held-out examples at length 256 would take 8 GB in float32."""
+def answer_logits(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (answers, V), targets (answers,)): the head at t - 1 wherever labels[t] != -100, and labels[t].
+
+    The head runs at those positions only, a sixteenth of the sequence: the full logits of the 1000 held-out
+    examples at length 256 would take 8 GB in float32, and in training the head over every position would be most
+    of the step's work. The model's own `.loss` is the mean cross-entropy over the same positions."""
     mask = labels[:, 1:] != -100
     hidden = model.base_model(input_ids=input_ids).last_hidden_state[:, :-1][mask]  # (answers, D)
-    predicted = model.get_output_embeddings()(hidden).argmax(-1)
-    return int((predicted == labels[:, 1:][mask]).sum()), int(mask.sum())
+    return model.get_output_embeddings()(hidden), labels[:, 1:][mask]
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """The model's training loss (mean cross-entropy on the answers), from the answer positions' logits only."""
+    logits, targets = answer_logits(model, batch["input_ids"], batch["labels"])
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def answer_accuracy(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, answers): the argmax at t - 1 against labels[t] wherever labels[t] != -100."""
+    logits, targets = answer_logits(model, input_ids, labels)
+    return int((logits.argmax(-1) == targets).sum()), int(targets.numel())
 
 
 def run_point(model: str, width: int, length: int, lr: float, batch: int, steps: int, size: str, device: str,
@@ -133,7 +147,8 @@ def run_point(model: str, width: int, length: int, lr: float, batch: int, steps:
 
     result = common.train(net, next_batch, steps=steps, lr=lr, device=dev, evaluate=evaluate,
                           eval_every=spec["eval_every"], stop_when=lambda m: m["accuracy"] >= spec["stop_at"],
-                          deadline=deadline, desc=f"{model} d{width} L{length} lr{lr:.0e}", progress=progress)
+                          deadline=deadline, desc=f"{model} d{width} L{length} lr{lr:.0e}", progress=progress,
+                          loss_fn=answer_loss)
     accuracy = max((m["accuracy"] for _, m in result.evals), default=0.0)
     return dict(model=model, width=width, length=length, pairs=pairs, lr=lr, batch=batch, accuracy=accuracy,
                 final_accuracy=result.evals[-1][1]["accuracy"], steps=result.steps, out_of_time=result.out_of_time,
