@@ -186,3 +186,26 @@ def test_device_map_over_two_gpus_cpu_and_disk(saved, layout, kind, tmp_path):
     devices = {_execution_device(layer) for layer in model.model.layers}
     assert devices == {torch.device("cuda:0"), torch.device("cuda:1")}, devices
     _assert_generates_the_same(model.eval(), plain, _generate_runs())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["explicit", "auto"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_gpu_with_cpu_and_disk_offload(saved, layout, kind, tmp_path):
+    """A model larger than its GPU budget: layers on cuda:0, CPU-offloaded and disk-offloaded (both run on cuda:0),
+    giving the plain model's tokens with every cache tensor on the GPU."""
+    folder, _ = saved[layout]
+    plain = hybrid_lm.HybridLMForCausalLM.from_pretrained(folder).to("cuda:0").eval()
+    if kind == "explicit":
+        device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": "disk",
+                      "model.layers.3": 0, "model.final_layernorm": 0, "lm_head": "cpu"}
+    else:
+        device_map = "auto"
+    model = hybrid_lm.HybridLMForCausalLM.from_pretrained(
+        folder, device_map=device_map, max_memory=None if kind == "explicit" else _budgets(plain)["gpu-cpu-disk"],
+        offload_folder=tmp_path / "offload")
+    placed = set(model.hf_device_map.values())
+    assert 0 in placed and ({"cpu", "disk"} & placed), model.hf_device_map
+    assert {_execution_device(layer) for layer in model.model.layers} == {torch.device("cuda:0")}
+    _assert_generates_the_same(model.eval(), plain, _generate_runs())
