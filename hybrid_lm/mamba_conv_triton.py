@@ -385,27 +385,11 @@ def _check_conv_inputs(op, x, weight, bias, activation, **tensors):
         raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
 
 
-def causal_conv1d_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    activation: str | None = None,
-    return_final_state: bool = False,
-    tiles: ConvTiles | None = None,
-):
-    """Causal depthwise convolution over a whole sequence; same contract as `mamba_conv_ref.causal_conv1d_ref`.
-
-    Args:
-        x: (B, D, L).  weight: (D, K).  bias: (D,).
-        initial_state: (B, D, K - 1) inputs preceding x.  seq_idx: (B, L) document ids.
-        activation: None, "silu" or "swish".  tiles: the kernels' tile sizes; None takes `ConvTiles()`.
-    Returns:
-        out (B, D, L) in x's dtype and, with `return_final_state`, the last K - 1 inputs
-        (B, D, K - 1), zeroed where they belong to an earlier document than the last one.
-        Differentiable in x, weight, bias and initial_state.
-    """
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,
+                         return_final_state=False, tiles: ConvTiles | None = None):
+    """The causal depthwise convolution over a whole sequence: `mamba_conv_ref.causal_conv1d_ref`'s arguments,
+    shapes and results, differentiable in x, weight, bias and initial_state. `tiles`: the kernels' tile sizes, None
+    takes `ConvTiles()`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
     _check_conv_inputs("causal_conv1d_triton", x, weight, bias, activation, initial_state=initial_state)
     if x.dim() != 3 or x.shape[1] != weight.shape[0] or x.shape[2] == 0:
         raise ValueError(
@@ -424,21 +408,9 @@ def causal_conv1d_triton(
     return (out, final_state) if return_final_state else out
 
 
-def causal_conv1d_update_triton(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-) -> torch.Tensor:
-    """One decoding step for a batch, shifting `x` into `conv_state` in place; same contract as
-    `mamba_conv_ref.causal_conv1d_update_ref`.
-
-    Args:
-        x: (B, D).  conv_state: (B, D, K - 1).  weight: (D, K).  bias: (D,).
-    Returns:
-        out: (B, D) in x's dtype.
-    """
+def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
+    """One decoding step, shifting `x` into `conv_state` in place: `mamba_conv_ref.causal_conv1d_update_ref`'s
+    arguments, shapes and result."""
     _check_conv_inputs("causal_conv1d_update_triton", x, weight, bias, activation, conv_state=conv_state)
     expected = (x.shape[0], weight.shape[0], weight.shape[1] - 1)
     if x.dim() != 2 or x.shape[1] != weight.shape[0] or tuple(conv_state.shape) != expected:

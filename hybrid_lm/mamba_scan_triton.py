@@ -68,6 +68,35 @@ def _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 
 
 @triton.jit
+def _program_rows(D_ptr, bias_ptr, channels, length, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's batch row, channels offs_d ([BLOCK_D]) and their mask, the step offsets within a chunk
+    offs_j ([T]), the channels' row offsets into (B, D, L) tensors, and their dt bias and D skip (float32)."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < channels
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    return batch, offs_d, offs_j, mask_d, rows, bias, skip
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Chunk `chunk` of a program's rows: its steps t and their mask ([T]), the tile's mask and offsets into the
+    (B, D, L) tensors, and u and dt (after bias and softplus) as float32 [BLOCK_D, T] tiles."""
+    t = chunk * BLOCK_T + offs_j
+    mask_t = t < length
+    mask = mask_d[:, None] & mask_t[None, :]
+    offsets = rows[:, None] + t[None, :]
+    u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+    return t, mask_t, mask, offsets, u, dt
+
+
+@triton.jit
 def _gate_grad(dout_ptr, z_ptr, offsets, mask, HAS_Z: tl.constexpr):
     """dL/dy from dL/dout, out = y * silu(z)."""
     dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -115,14 +144,8 @@ def _scan_fwd_kernel(
 ):
     """u, delta, z, out: (B, D, L); A: (N, D) float32 (transposed); B, C: (B, N, L); D, bias: (D,) or None;
     seq: (B, L) or None; states: (B, nc + 1, N, D) float32 with slot 0 filled. All contiguous."""
-    pid_d = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < channels
-    rows = batch * channels * length + offs_d.to(tl.int64) * length  # [BLOCK_D]
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
+                                                                    BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
     n_chunks = tl.cdiv(length, BLOCK_T)
     slot_size = d_state * channels
@@ -130,12 +153,8 @@ def _scan_fwd_kernel(
     last = (offs_j == BLOCK_T - 1)[None, :]
 
     for chunk in range(n_chunks):
-        t = chunk * BLOCK_T + offs_j
-        mask_t = t < length
-        mask = mask_d[:, None] & mask_t[None, :]
-        offsets = rows[:, None] + t[None, :]
-        u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+        t, mask_t, mask, offsets, u, dt = _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias,
+                                                      HAS_BIAS, SOFTPLUS, BLOCK_T)
         dtu = dt * u
         reset = _resets(seq_ptr, batch, t, length)[None, :] if HAS_SEQ else None
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
@@ -181,14 +200,8 @@ def _scan_bwd_kernel(
     dL/d(state before chunk c), so slot 0 ends as the initial state's gradient.
     du, ddelta, dz: (B, D, L) in the inputs' dtypes.  dB, dC: (B, N, L) float32, zeroed, added into.
     dA: (B, nc, N, D), dD, dbias: (B, D) float32 partial sums (dz, dD, dbias None when z, D, bias are)."""
-    pid_d = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < channels
-    rows = batch * channels * length + offs_d.to(tl.int64) * length
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
+                                                                    BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
     n_chunks = tl.cdiv(length, BLOCK_T)
     slot_size = d_state * channels
@@ -201,12 +214,8 @@ def _scan_bwd_kernel(
 
     for chunk_from_end in range(n_chunks):
         chunk = n_chunks - 1 - chunk_from_end
-        t = chunk * BLOCK_T + offs_j
-        mask_t = t < length
-        mask = mask_d[:, None] & mask_t[None, :]
-        offsets = rows[:, None] + t[None, :]
-        u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+        t, mask_t, mask, offsets, u, dt = _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias,
+                                                      HAS_BIAS, SOFTPLUS, BLOCK_T)
         dtu = dt * u
         # the adjoint needs a_{t+1}: recompute it from delta one step ahead rather than shift a tile
         mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
@@ -515,7 +524,18 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 # ----------------------------------------------------------------------------- public functions
 
 
-def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+def _check_shapes(expected: dict, context: str) -> None:
+    """Raises ValueError for the first given tensor of `expected` ({name: (tensor or None, shape)}) of another shape."""
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} {context}")
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                          seq_idx=None, return_final_state=False, tiles: ScanTiles | None = None):
+    """The fused selective scan: `mamba_scan_ref.selective_scan_ref`'s arguments, shapes and results (the final
+    state is float32), differentiable in every tensor but seq_idx. `tiles`: the kernels' tile sizes, None takes
+    `scan_tiles(L)`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
     require_triton_dtypes("selective_scan_triton", u=u, delta=delta, B=B, C=C, z=z)
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
@@ -523,51 +543,16 @@ def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_i
     if length == 0:
         raise ValueError("u has length 0; call the scan with at least one step")
     d_state = A.shape[-1]
-    expected = {
+    _check_shapes({
         "delta": (delta, (batch, channels, length)), "A": (A, (channels, d_state)),
         "B": (B, (batch, d_state, length)), "C": (C, (batch, d_state, length)),
         "D": (D, (channels,)), "z": (z, (batch, channels, length)), "delta_bias": (delta_bias, (channels,)),
         "initial_state": (initial_state, (batch, channels, d_state)), "seq_idx": (seq_idx, (batch, length)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)}, expected {shape} for u of shape {tuple(u.shape)} "
-                f"and d_state {d_state}; B and C must be (batch, d_state, length)"
-            )
+    }, f"for u of shape {tuple(u.shape)} and d_state {d_state}; B and C must be (batch, d_state, length)")
     if seq_idx is not None and (seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool):
         raise TypeError(f"seq_idx must hold integer document ids, got {seq_idx.dtype}")
 
-
-def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    return_final_state: bool = False,
-    tiles: ScanTiles | None = None,
-):
-    """Fused selective scan; same contract as `mamba_scan_ref.selective_scan_ref`.
-
-    Args:
-        u: (B, D, L) input.  delta: (B, D, L) step size before bias/softplus.  A: (D, N).
-        B, C: (B, N, L).  D: (D,) skip.  z: (B, D, L) gate.  delta_bias: (D,).
-        initial_state: (B, D, N) state before the first step (zeros when None).
-        seq_idx: (B, L) integer document ids of a packed batch; the state restarts where it changes.
-        tiles: the kernels' tile sizes; None takes `scan_tiles(L)`.
-    Returns:
-        out (B, D, L) in u's dtype, and with `return_final_state` the state after the last step
-        (B, D, N) in float32. Differentiable in every tensor but seq_idx.
-    """
-    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    chunk, block_d, block_d_backward = tiles or scan_tiles(u.shape[-1])
+    chunk, block_d, block_d_backward = tiles or scan_tiles(length)
     out, final_state, _ = _selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
         chunk, block_d, block_d_backward,
@@ -575,37 +560,16 @@ def selective_scan_triton(
     return (out, final_state) if return_final_state else out
 
 
-def selective_state_update_triton(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-) -> torch.Tensor:
-    """One decoding step for a batch, updating `state` in place; same contract as
-    `mamba_scan_ref.selective_state_update_ref`.
-
-    Args:
-        state: (B, D, N), float32 (any float dtype works; the arithmetic is float32).
-        x, dt, z: (B, D).  A: (D, N).  B, C: (B, N).  D, dt_bias: (D,).
-    Returns:
-        out: (B, D) in x's dtype.
-    """
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step, updating `state` in place: `mamba_scan_ref.selective_state_update_ref`'s arguments,
+    shapes and result. The state may be of any float dtype; the arithmetic is float32."""
     require_triton_dtypes("selective_state_update_triton", state=state, x=x, dt=dt, B=B, C=C, z=z)
     if state.dim() != 3:
         raise ValueError(f"state must be (batch, channels, d_state), got shape {tuple(state.shape)}")
     batch, channels, d_state = state.shape
-    expected = {
+    _check_shapes({
         "x": (x, (batch, channels)), "dt": (dt, (batch, channels)), "A": (A, (channels, d_state)),
         "B": (B, (batch, d_state)), "C": (C, (batch, d_state)), "D": (D, (channels,)),
         "z": (z, (batch, channels)), "dt_bias": (dt_bias, (channels,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for state {tuple(state.shape)}")
+    }, f"for state {tuple(state.shape)}")
     return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
