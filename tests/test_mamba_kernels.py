@@ -164,6 +164,27 @@ def test_compiled_train_and_decode_steps_have_no_graph_break():
         assert torch.isfinite(step(ids[:, :1], cache)).all()
 
 
+def test_triton_tier_traces_as_one_graph():
+    """The Triton ops are custom ops on every call: torch.compile(fullgraph=True) takes a training step (autograd
+    through the ops) and a decoding step (the ops that update the cache in place). On CPU with the aot_eager backend,
+    which runs the interpreted kernels; the GPU test below compiles them with inductor."""
+    torch.manual_seed(0)
+    model = HybridLMForCausalLM(tiny_config("triton", experts=False)).to(DEVICE).train()
+    ids = torch.randint(0, 64, (2, 12), device=DEVICE)
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    expected = model(ids, labels=ids).loss  # eager first: binding the kernel tier stays out of the graph
+    loss = torch.compile(lambda ids: model(ids, labels=ids).loss, backend=backend, fullgraph=True)(ids)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    model.eval()
+    cache = DynamicCache(config=model.config)
+    model(ids, cache=cache, use_cache=True)
+    step = torch.compile(lambda token: model(token, cache=cache, use_cache=True).logits, backend=backend,
+                         fullgraph=True)
+    with torch.no_grad():
+        assert torch.isfinite(step(ids[:, :1])).all()
+
+
 def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
     """With stand-ins for the compiled packages: calls they cannot compute (here: CPU tensors, an initial
     state, seq_idx) run on the Triton kernels, and the results match the reference."""
