@@ -21,8 +21,8 @@ try:  # transformers' remote-code loader skips imports inside try blocks; withou
 except ImportError:
     rms_norm_triton, MAX_HIDDEN = None, 0
 
-try:
-    from torch.distributed.tensor import DTensor  # tensor-parallel parameters: the reference handles them
+try:  # tensor-parallel parameters are DTensors: the reference handles them
+    from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support has none
     DTensor = ()
 

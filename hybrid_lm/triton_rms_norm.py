@@ -51,8 +51,9 @@ def _rounded(x, dtype: tl.constexpr):
     it is exact. bfloat16 by hand: Triton's CPU interpreter truncates in `.to(tl.bfloat16)` (the GPU rounds)."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        out = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000  # stays NaN (rounding could carry its payload into infinity)
+        out = tl.where(is_nan, x, rounded.to(tl.float32, bitcast=True))
     elif dtype == tl.float16:
         out = x.to(tl.float16).to(tl.float32)
     else:
@@ -102,7 +103,7 @@ def _rms_norm_bwd_kernel(
     w = tl.load(w_ptr + col, mask=mask_h, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     for block in range(pid, tl.cdiv(rows, BLOCK_M), tl.num_programs(0)):
-        row = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = row < rows
         mask = mask_m[:, None] & mask_h[None, :]
         s = tl.load(s_ptr + row[:, None] * stride_s + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -223,7 +224,7 @@ def _(grad_out, grad_sum, saved, weight, rstd, weight_grad):
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
-    x, weight, residual, eps = inputs
+    x, weight, residual, _ = inputs
     out, total, rstd = output
     # the norm's input: the sum with a residual, x itself without
     ctx.save_for_backward(total if residual is not None else x, weight, rstd)
