@@ -60,6 +60,7 @@ from .generation_hybrid_lm import StaticDecodingCaches, static_decoding_kwargs
 from .hub_hybrid_lm import push_folder_to_hub
 from .loading_checks import check_weight_files
 from .mamba_kernels import MambaKernels, select_kernels
+from .rms_norm_ops import rms_norm
 from .transformers_compat import CACHE_NAME, accepts_cache_alias, cache_output
 
 logger = logging.get_logger(__name__)
@@ -74,18 +75,21 @@ except ImportError:  # a torch built without distributed support has none
 
 
 class HybridLMRMSNorm(nn.Module):
-    """RMSNorm computed in float32, scaled in the input dtype (as Llama and Jamba do)."""
+    """RMSNorm computed in float32, scaled in the input dtype (as Llama and Jamba do), optionally of a sum with the
+    residual stream. One fused Triton kernel on GPUs (`rms_norm_ops`), the same values as Llama's eager formula.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    use_kernel: False (`config.kernel_backend == "torch"`) keeps the pure-PyTorch formula on every device.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, use_kernel: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.use_kernel = use_kernel
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+        """(..., H) -> (..., H). With `residual` (..., H): (norm(hidden_states + residual), hidden_states + residual)."""
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual, use_kernel=self.use_kernel)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -301,9 +305,10 @@ class HybridLMMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner, dtype=torch.float32))
         self.out_proj = nn.Linear(d_inner, self.hidden_size, bias=config.mamba_proj_bias)
         if config.mamba_inner_layernorms:
-            self.dt_layernorm = HybridLMRMSNorm(rank, eps=config.rms_norm_eps)
-            self.b_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps)
-            self.c_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps)
+            use_kernel = config.kernel_backend != "torch"
+            self.dt_layernorm = HybridLMRMSNorm(rank, eps=config.rms_norm_eps, use_kernel=use_kernel)
+            self.b_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps, use_kernel=use_kernel)
+            self.c_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps, use_kernel=use_kernel)
         self.kernels: MambaKernels | None = None
         self.kernels_device: torch.device | None = None  # the device `kernels` was chosen for
 
@@ -412,15 +417,18 @@ class HybridLMMambaMixer(nn.Module):
 
 
 class HybridLMDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + feed_forward(norm(x)) when the layer has one."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + feed_forward(norm(x)) when the layer has one.
+
+    The residual add after the mixer runs inside the feed-forward norm's kernel (it returns the sum too)."""
 
     def __init__(self, config: HybridLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        use_kernel = config.kernel_backend != "torch"
+        self.input_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps, use_kernel=use_kernel)
         feed_forward = config.feed_forward_type(layer_idx)
         if feed_forward != "none":
-            self.pre_ff_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.pre_ff_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps, use_kernel=use_kernel)
             self.feed_forward = HybridLMSparseMoeBlock(config) if feed_forward == "moe" else HybridLMMLP(config)
         self.is_moe = feed_forward == "moe"
 
@@ -438,14 +446,16 @@ class HybridLMDecoderLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """(B, L, H) -> (B, L, H). attention_mask: the mask of this layer's type (see `HybridLMModel._masks`)."""
+        # 1. norm, token mixer
         residual = hidden_states
         hidden_states = self.mix(
             self.input_layernorm(hidden_states), attention_mask, position_embeddings, cache, seq_idx, **kwargs
         )
-        hidden_states = residual + hidden_states
-        if hasattr(self, "feed_forward"):
-            hidden_states = hidden_states + self.feed_forward(self.pre_ff_layernorm(hidden_states))
-        return hidden_states
+        if not hasattr(self, "feed_forward"):
+            return residual + hidden_states
+        # 2. residual add and norm in one call: (norm(mixer_out + residual), mixer_out + residual), then feed-forward
+        normed, hidden_states = self.pre_ff_layernorm(hidden_states, residual)
+        return hidden_states + self.feed_forward(normed)
 
 
 class HybridLMAttentionDecoderLayer(HybridLMDecoderLayer):
@@ -736,7 +746,9 @@ class HybridLMModel(HybridLMPreTrainedModel):
         self.layers = nn.ModuleList(
             DECODER_LAYER_CLASSES[kind](config, layer_idx=i) for i, kind in enumerate(config.layers_block_type)
         )
-        self.final_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.final_layernorm = HybridLMRMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, use_kernel=config.kernel_backend != "torch"
+        )
         self.rotary_emb = HybridLMRotaryEmbedding(config) if config.use_rope else None
         self.gradient_checkpointing = False
         self.post_init()

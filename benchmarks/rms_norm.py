@@ -1,0 +1,130 @@
+"""RMSNorm (+ residual add) timings on one GPU: the torch reference, the Triton kernels, torch.compile of the reference.
+
+    python benchmarks/rms_norm.py [--shapes 8192x1024,16384x4096] [--dtype bfloat16] [--reps 100] [--no-flush]
+
+For each (rows, hidden) shape, without and with the residual add: forward, and forward + backward (gradients of x,
+weight and residual). Each time is the median over `--reps` runs timed with CUDA events after a warm-up, the L2
+cache flushed before each run unless `--no-flush`. GB/s counts the bytes the fused kernels must move (each (M, H)
+input read once, each output written once; weight and rstd left out) for every implementation, so the column
+compares speed on one scale; `x ref` is the reference's time over this one's. Needs CUDA and triton; refuses
+otherwise.
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hybrid_lm.rms_norm_ops import rms_norm_ref
+
+EPS = 1e-6
+DEFAULT_SHAPES = [(8192, 1024), (16384, 4096)]
+
+
+def time_ms(fn, reps: int, warmup: int = 10, flush: bool = True) -> float:
+    """Median milliseconds of `fn()` over `reps` runs, each between two CUDA events."""
+    scratch = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if flush else None  # larger than the L2
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        if scratch is not None:
+            scratch.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
+
+
+def _inputs(rows: int, hidden: int, dtype: torch.dtype, residual: bool):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda", dtype=dtype)
+
+    x, weight = rand(rows, hidden).requires_grad_(), (1 + 0.1 * rand(hidden)).requires_grad_()
+    res = rand(rows, hidden).requires_grad_() if residual else None
+    grads = [rand(rows, hidden)] + ([rand(rows, hidden)] if residual else [])
+    return x, weight, res, grads
+
+
+def _steps(fn, x, weight, res, grads):
+    """(forward, forward + backward) closures for fn(x, weight, eps, residual)."""
+    leaves = [t for t in (x, weight, res) if t is not None]
+
+    def forward():
+        with torch.no_grad():
+            return fn(x, weight, EPS, res)
+
+    def forward_backward():
+        out = fn(x, weight, EPS, res)
+        outputs = list(out) if res is not None else [out]
+        return torch.autograd.grad(outputs, leaves, grads)
+
+    return forward, forward_backward
+
+
+def benchmark_rms_norm(shapes=DEFAULT_SHAPES, dtype=torch.bfloat16, reps: int = 100, flush: bool = True) -> list[dict]:
+    """Times every implementation at every shape, with and without the residual; returns one dict per row printed."""
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/rms_norm.py times CUDA kernels, and this machine has no CUDA device "
+                         "(torch.cuda.is_available() is False); run it on a GPU machine")
+    try:
+        from hybrid_lm.triton_rms_norm import rms_norm_triton
+    except ImportError as error:
+        raise SystemExit(f"benchmarks/rms_norm.py needs triton for the kernels: {error} (pip install triton)") from None
+    implementations = {
+        "torch reference": rms_norm_ref,
+        "triton": rms_norm_triton,
+        "torch.compile(reference)": torch.compile(rms_norm_ref, dynamic=False),
+    }
+    element = torch.empty((), dtype=dtype).element_size()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}, median of {reps} runs, "
+          f"L2 {'flushed' if flush else 'warm'}")
+    print(f"{'shape':>12} {'residual':>8} {'pass':>9} {'implementation':>26} {'ms':>9} {'GB/s':>8} {'x ref':>6}")
+    results = []
+    for rows, hidden in shapes:
+        for residual in (False, True):
+            x, weight, res, grads = _inputs(rows, hidden, dtype, residual)
+            expected = rms_norm_ref(x, weight, EPS, res)
+            # bytes the fused kernels move: x (+ residual) in, out (+ sum) out; backward: dout (+ dsum), s in, ds out
+            forward_bytes = (2 + 2 * residual) * rows * hidden * element
+            backward_bytes = (3 + residual) * rows * hidden * element
+            for pass_name, bytes_moved in (("forward", forward_bytes), ("fwd+bwd", forward_bytes + backward_bytes)):
+                reference_ms = None
+                for name, fn in implementations.items():
+                    forward, forward_backward = _steps(fn, x, weight, res, grads)
+                    if pass_name == "forward":
+                        got = forward()
+                        for a, b in zip(*[(t,) if isinstance(t, torch.Tensor) else t for t in (got, expected)]):
+                            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # a broken kernel is not timed
+                    ms = time_ms(forward if pass_name == "forward" else forward_backward, reps, flush=flush)
+                    reference_ms = reference_ms or ms
+                    row = {"shape": f"{rows}x{hidden}", "residual": residual, "pass": pass_name, "implementation": name,
+                           "ms": ms, "gbps": bytes_moved / ms / 1e6, "speedup": reference_ms / ms}
+                    results.append(row)
+                    print(f"{row['shape']:>12} {residual!s:>8} {pass_name:>9} {name:>26} {ms:9.4f} "
+                          f"{row['gbps']:8.0f} {row['speedup']:6.2f}", flush=True)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(f"{m}x{h}" for m, h in DEFAULT_SHAPES),
+                        help="comma-separated ROWSxHIDDEN")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--no-flush", action="store_true", help="keep the L2 cache warm between runs")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    benchmark_rms_norm(shapes, getattr(torch, args.dtype), args.reps, flush=not args.no_flush)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""RMSNorm, optionally with the residual add before it: the pure-PyTorch reference and the one dispatch function.
+
+Shape legend: M = rows (every leading dimension), H = hidden size.
+
+    s   = x + residual                              (when a residual is given; rounded to their promoted dtype)
+    h   = s * rsqrt(mean(s ** 2) + eps)             (float32)
+    out = weight * h.to(s.dtype)                    (rounded to promote(weight, s) once)
+
+This is the Llama / Jamba eager formula, which `rms_norm_ref` keeps literally. The Triton tier
+(triton_rms_norm.py) reads x (and the residual) once, writes the output (and the sum) once, saves only the
+per-row float32 rstd and its input for the backward, and rounds exactly where the reference does. In eager
+PyTorch the same norm is about seven kernels forward, with float32 intermediates saved for the backward.
+"""
+
+import os
+
+import torch
+
+try:  # transformers' remote-code loader skips imports inside try blocks; without triton the reference runs
+    from .triton_rms_norm import MAX_HIDDEN, rms_norm_triton
+except ImportError:
+    rms_norm_triton, MAX_HIDDEN = None, 0
+
+try:  # tensor-parallel parameters are DTensors: the reference handles them
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has none
+    DTensor = ()
+
+# Triton's CPU interpreter (tests) runs the kernels on CPU tensors; it reads the variable when triton is imported.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    """Reference RMSNorm: float32 statistics, the normalized value cast to the input dtype, times the weight.
+
+    Mirrors transformers' `LlamaRMSNorm.forward` / `JambaRMSNorm.forward`.
+
+    Args:
+        x: (..., H).  weight: (H,).  eps: added to the mean square.
+        residual: (..., H) or None; when given, the norm is of `x + residual`.
+    Returns:
+        out (..., H) in promote(weight.dtype, input dtype); with `residual`, (out, x + residual), the sum in
+        the promoted dtype of x and residual (x's when they share it) and out its norm.
+    """
+    if residual is not None:
+        total = x + residual
+        return rms_norm_ref(total, weight, eps), total
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(input_dtype)
+
+
+def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the Triton tier computes this call: CUDA tensors (CPU ones in the interpreter), float32 / bfloat16 /
+    float16, a (H,) weight, a residual of x's shape, 0 < H <= MAX_HIDDEN, no DTensor. Decided from types and shapes
+    only (no device values), so the choice is the same in eager mode, under torch.compile and in CUDA graphs."""
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    device = x.device.type
+    return (
+        rms_norm_triton is not None
+        and (device == "cuda" or (device == "cpu" and _INTERPRETER))
+        and all(t.device == x.device and t.dtype in _KERNEL_DTYPES and not isinstance(t, DTensor) for t in tensors)
+        and weight.dim() == 1 and x.dim() >= 1 and 0 < x.shape[-1] == weight.shape[0] <= MAX_HIDDEN
+        and (residual is None or residual.shape == x.shape)
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+             use_kernel: bool = True):
+    """`rms_norm_ref`'s contract (same args, returns, dtypes and rounding), on the Triton kernels where they apply.
+
+    use_kernel: False keeps pure PyTorch (what `kernel_backend="torch"` asks for). Otherwise the kernels run when
+    `_kernel_takes` says so, and the reference in every other case (CPU, meta, float64, mismatched shapes).
+    Differentiable in x, weight and residual either way.
+    """
+    if use_kernel and _kernel_takes(x, weight, residual):
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
