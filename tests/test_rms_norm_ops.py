@@ -175,7 +175,7 @@ class _NormBlock(torch.nn.Module):
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
 def test_compiles_with_fullgraph(use_kernel):
     """torch.compile traces through the norm without a graph break: the custom op where the kernel runs (CUDA, or the
-    interpreter here), the reference's ops otherwise; forward and backward give the eager values."""
+    interpreter here, without gradients), the reference's ops otherwise; forward and backward give the eager values."""
     torch.manual_seed(0)
     block = _NormBlock(use_kernel).to(DEVICE)
     graphs = []
@@ -195,6 +195,12 @@ def test_compiles_with_fullgraph(use_kernel):
     expected.square().sum().backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grads, (x.grad, block.norm.weight.grad))
+    # training keeps the reference (the kernel's backward does not pay yet); inference takes the kernel's op
+    assert not any("rms_norm_fwd" in graph for graph in graphs)
+    graphs.clear()
+    with torch.no_grad():
+        out = compiled(x.detach(), residual)
+        torch.testing.assert_close(out, block(x.detach(), residual))
     uses_op = any("rms_norm_fwd" in graph for graph in graphs)
     assert uses_op == (use_kernel and rms_norm_ops._kernel_takes(x, block.norm.weight, residual))
 

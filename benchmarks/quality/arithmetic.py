@@ -29,6 +29,7 @@ exactly 5 (one more) and 6 (two more) digits.
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -193,9 +194,11 @@ def main(argv=None) -> dict:
         steps = common.fit_steps(steps, timings, deadline, reserve=EVAL_RESERVE)
         print(f"{', '.join(f'{t * 1e3:.1f}' for t in timings)} ms/step: {steps} steps per tokenizer fit the budget")
     records = []
-    for (name, tok), model in zip(tokenizers.items(), models):
+    for i, ((name, tok), model) in enumerate(zip(tokenizers.items(), models)):
+        # each model's own share of the time left: a run that overruns its estimate must not take the next one's steps
+        own_deadline = None if deadline is None else time.time() + (deadline - time.time()) / (len(models) - i)
         result = common.train(model, batches(tok, args.seed + 2), steps=steps, lr=spec["lr"], device=device,
-                              deadline=deadline, desc=name,
+                              deadline=own_deadline, desc=name,
                               progress=not args.no_progress)
         model.eval()
         scores = {split: accuracy(model, tok, pairs, device) for split, pairs in splits.items()}
