@@ -93,6 +93,11 @@ class HybridLMRMSNorm(nn.Module):
         self.variance_epsilon = eps
         self.use_kernel = use_kernel
 
+    @classmethod
+    def from_config(cls, config: HybridLMConfig, hidden_size: int) -> "HybridLMRMSNorm":
+        """A norm of `hidden_size` with the config's eps, on the kernel unless `kernel_backend="torch"`."""
+        return cls(hidden_size, eps=config.rms_norm_eps, use_kernel=config.kernel_backend != "torch")
+
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
         """(..., H) -> (..., H). With `residual` (..., H): (norm(hidden_states + residual), hidden_states + residual)."""
         return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual, use_kernel=self.use_kernel)
@@ -308,10 +313,9 @@ class HybridLMMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner, dtype=torch.float32))
         self.out_proj = nn.Linear(d_inner, self.hidden_size, bias=config.mamba_proj_bias)
         if config.mamba_inner_layernorms:
-            use_kernel = config.kernel_backend != "torch"
-            self.dt_layernorm = HybridLMRMSNorm(rank, eps=config.rms_norm_eps, use_kernel=use_kernel)
-            self.b_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps, use_kernel=use_kernel)
-            self.c_layernorm = HybridLMRMSNorm(d_state, eps=config.rms_norm_eps, use_kernel=use_kernel)
+            self.dt_layernorm = HybridLMRMSNorm.from_config(config, rank)
+            self.b_layernorm = HybridLMRMSNorm.from_config(config, d_state)
+            self.c_layernorm = HybridLMRMSNorm.from_config(config, d_state)
 
     def _apply(self, fn, recurse=True):
         # `model.to(bfloat16)` / `.half()` must not round A_log, D and the dt bias: keep them float32.
@@ -414,11 +418,10 @@ class HybridLMDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        use_kernel = config.kernel_backend != "torch"
-        self.input_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps, use_kernel=use_kernel)
+        self.input_layernorm = HybridLMRMSNorm.from_config(config, config.hidden_size)
         feed_forward = config.feed_forward_type(layer_idx)
         if feed_forward != "none":
-            self.pre_ff_layernorm = HybridLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps, use_kernel=use_kernel)
+            self.pre_ff_layernorm = HybridLMRMSNorm.from_config(config, config.hidden_size)
             self.feed_forward = HybridLMSparseMoeBlock(config) if feed_forward == "moe" else HybridLMMLP(config)
         self.is_moe = feed_forward == "moe"
 
@@ -717,9 +720,7 @@ class HybridLMModel(HybridLMPreTrainedModel):
         self.layers = nn.ModuleList(
             DECODER_LAYER_CLASSES[kind](config, layer_idx=i) for i, kind in enumerate(config.layers_block_type)
         )
-        self.final_layernorm = HybridLMRMSNorm(
-            config.hidden_size, eps=config.rms_norm_eps, use_kernel=config.kernel_backend != "torch"
-        )
+        self.final_layernorm = HybridLMRMSNorm.from_config(config, config.hidden_size)
         self.rotary_emb = HybridLMRotaryEmbedding(config) if config.use_rope else None
         self.gradient_checkpointing = False
         self.post_init()
