@@ -11,6 +11,7 @@ a bare machine may lack, so its submodules are imported without running it.
 """
 
 import argparse
+import functools
 import importlib.util
 import sys
 import types
@@ -19,11 +20,19 @@ import torch
 import triton
 import triton.testing
 
-from hybrid_lm import triton_conv, triton_ssm
-from hybrid_lm.conv_ops import causal_conv1d_ref, causal_conv1d_update_ref
-from hybrid_lm.ssm_ops import selective_scan_ref, selective_state_update_ref
-from hybrid_lm.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
-from hybrid_lm.triton_ssm import selective_scan_triton, selective_state_update_triton
+from hybrid_lm.mamba_conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
+from hybrid_lm.mamba_conv_triton import (
+    ConvTiles,
+    causal_conv1d_triton,
+    causal_conv1d_update_triton,
+)
+from hybrid_lm.mamba_scan_ref import selective_scan_ref, selective_state_update_ref
+from hybrid_lm.mamba_scan_triton import (
+    ScanTiles,
+    scan_tiles,
+    selective_scan_triton,
+    selective_state_update_triton,
+)
 
 SCAN_SHAPES = [(4, 2048, 2048, 16), (1, 4096, 16384, 16), (8, 2048, 1024, 64)]
 CONV_SHAPES = [(4, 2048, 2048), (1, 4096, 16384), (8, 2048, 1024)]
@@ -98,37 +107,33 @@ def scan_bytes(batch, channels, length, d_state, backward):
 
 
 def sweep_scan_tiles(shapes):
-    """Times (T, forward BLOCK_D, backward BLOCK_D) alternatives to `triton_ssm._tiles` at each shape."""
-    default_tiles = triton_ssm._tiles
+    """Times (T, forward BLOCK_D, backward BLOCK_D) alternatives to `mamba_scan_triton.scan_tiles` at each shape."""
     candidates = [(256, 2, 2), (256, 1, 2), (256, 1, 1), (512, 1, 1), (128, 4, 4), (128, 2, 4)]
     for shape in shapes:
         inputs = scan_inputs(*shape)
-        print(f"# sweep {shape}: default tiles {default_tiles(*shape[:3])}", flush=True)
-        for tiles in candidates:
-            triton_ssm._tiles = lambda batch, channels, length, tiles=tiles: tiles
-            fwd = time_scan(selective_scan_triton, inputs, False)
-            both = time_scan(selective_scan_triton, inputs, True)
-            print(f"#   T={tiles[0]} fwd BLOCK_D={tiles[1]} bwd BLOCK_D={tiles[2]}: fwd {fwd:.3f} ms, "
-                  f"bwd {both - fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
+        print(f"# sweep {shape}: default tiles {tuple(scan_tiles(shape[2]))}", flush=True)
+        for tiles in map(ScanTiles._make, candidates):
+            scan = functools.partial(selective_scan_triton, tiles=tiles)
+            fwd = time_scan(scan, inputs, False)
+            both = time_scan(scan, inputs, True)
+            print(f"#   T={tiles.chunk} fwd BLOCK_D={tiles.block_d} bwd BLOCK_D={tiles.block_d_backward}: "
+                  f"fwd {fwd:.3f} ms, bwd {both - fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
         del inputs
-    triton_ssm._tiles = default_tiles
 
 
 def sweep_conv_tiles(shape):
-    """Times (BLOCK_D, BLOCK_L, warps) alternatives for the conv kernels."""
-    default = triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS
+    """Times (BLOCK_D, BLOCK_L, warps) alternatives to the conv kernels' `ConvTiles()`."""
     batch, channels, length = shape
     x = torch.randn(batch, channels, length, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    for tiles in [(16, 128, 4), (8, 256, 4), (4, 512, 4), (32, 64, 4), (16, 256, 8), (64, 64, 8)]:
-        triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS = tiles
-        fwd = bench(lambda: causal_conv1d_triton(x.detach(), weight.detach(), bias.detach(), activation="silu"))
-        both = bench(lambda: causal_conv1d_triton(x, weight, bias, activation="silu").backward(grad))
-        print(f"# conv sweep {shape} BLOCK_D={tiles[0]} BLOCK_L={tiles[1]} warps={tiles[2]}: fwd {fwd:.3f} ms, "
-              f"fwd+bwd {both:.3f} ms", flush=True)
-    triton_conv._BLOCK_D, triton_conv._BLOCK_L, triton_conv._WARPS = default
+    for tiles in map(ConvTiles._make, [(16, 128, 4), (8, 256, 4), (4, 512, 4), (32, 64, 4), (16, 256, 8), (64, 64, 8)]):
+        conv = functools.partial(causal_conv1d_triton, activation="silu", tiles=tiles)
+        fwd = bench(lambda conv=conv: conv(x.detach(), weight.detach(), bias.detach()))
+        both = bench(lambda conv=conv: conv(x, weight, bias).backward(grad))
+        print(f"# conv sweep {shape} BLOCK_D={tiles.block_d} BLOCK_L={tiles.block_l} warps={tiles.num_warps}: "
+              f"fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
 
 
 def main():
@@ -149,7 +154,7 @@ def main():
         sweep_conv_tiles(CONV_SHAPES[0])
         return
     lines.append("Scan tiles (T, forward BLOCK_D, backward BLOCK_D; one warp per program): "
-                 + ", ".join(f"{shape}: {triton_ssm._tiles(*shape[:3])}" for shape in SCAN_SHAPES) + ".")
+                 + ", ".join(f"{shape}: {tuple(scan_tiles(shape[2]))}" for shape in SCAN_SHAPES) + ".")
     lines.append("")
 
     lines.append("| selective scan (B, D, L, N), bf16 | pass | triton ms | mamba-ssm ms | torch ms | triton / mamba-ssm | triton GB/s (of copy) |")

@@ -19,7 +19,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_hybrid_lm.HybridLMForCausalLM",
     "AutoModelForSequenceClassification": "modeling_hybrid_lm.HybridLMForSequenceClassification",
 }
-KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")  # the tiers of mamba_kernels.py, and "auto"
 # Keys that are not fields but that PreTrainedConfig.__post_init__ consumes, from_pretrained passes, or
 # save_pretrained writes (transformers 5.17 to 5.24); generation parameters are added from GenerationConfig.
 PRETRAINED_CONFIG_KEYS = frozenset({
@@ -70,8 +70,9 @@ class HybridLMConfig(PreTrainedConfig):
         output_router_logits.
 
     Kernels:
-        kernel_backend (`"auto"`, `"torch"`, `"triton"` or `"cuda"`): which implementation runs the
-        Mamba ops. `"auto"` picks the fastest one present that passes a self-check.
+        kernel_backend (`"auto"`, `"torch"`, `"triton"` or `"cuda"`): which kernel tier runs the Mamba ops
+        (mamba_kernels.py). `"auto"` picks the fastest one present that passes a self-check. Each mixer binds
+        its tier at its first forward on a device; on a built model change it with `model.set_kernel_backend`.
         fused_loss: in training mode, with labels, compute lm_head and the cross-entropy a chunk of tokens at a
         time from the hidden states (`cross_entropy_ops.py`), never holding the full float32 logits; the output's
         `logits` is then None. False returns the logits in training too (at their memory cost).
@@ -319,8 +320,7 @@ class HybridLMConfig(PreTrainedConfig):
     def _validate_options(self):
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act ({self.hidden_act!r}) is not a known activation; use e.g. 'silu' or 'gelu'")
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel_backend ({self.kernel_backend!r}) must be one of {list(KERNEL_BACKENDS)}")
+        check_kernel_backend(self.kernel_backend)
         if self.sliding_window is not None:
             _require_positive_int("sliding_window", self.sliding_window)
         if self.use_rope and self.head_dim % 2:
@@ -403,6 +403,12 @@ class HybridLMConfig(PreTrainedConfig):
                 ff = f"moe   {self.num_experts} experts, top-{self.num_experts_per_tok}"
             lines.append(f"  layer {i:>{width}}: {kind:<9}  {ff}")
         return "\n".join(lines)
+
+
+def check_kernel_backend(value) -> None:
+    """Raises ValueError unless `value` names a kernel tier (`config.kernel_backend`, `set_kernel_backend`)."""
+    if value not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend ({value!r}) must be one of {list(KERNEL_BACKENDS)}")
 
 
 def _require_positive_int(name, value, allow_zero=False):

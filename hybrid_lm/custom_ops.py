@@ -1,10 +1,14 @@
-"""Helpers shared by the Triton op files: the torch.library namespace, when to use the custom ops, input checks."""
+"""Helpers shared by the files that define torch.library custom ops (the Mamba Triton kernels, the experts' grouped
+product): the op namespace, the dtypes the Triton kernels take, and the `@triton.heuristics` of optional inputs.
+
+No import of triton here: experts_ops.py and the `torch` tier import this file on machines without it.
+"""
 
 import re
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def op_namespace(module_name: str) -> str:
@@ -16,19 +20,22 @@ def op_namespace(module_name: str) -> str:
     return "hybrid_lm_" + re.sub(r"\W", "_", package)
 
 
-def needs_custom_op(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call must go through its custom op: while torch.compile traces, or when autograd records it.
-    Otherwise the kernels are launched directly, saving the dispatcher's tens of microseconds per call."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def has_triton_dtypes(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor is float32, bfloat16 or float16 (None counts as given)."""
+    return all(t is None or t.dtype in TRITON_DTYPES for t in tensors)
 
 
-def require_float_inputs(op: str, **tensors: torch.Tensor | None) -> None:
+def require_triton_dtypes(op: str, **tensors: torch.Tensor | None) -> None:
     """Raises TypeError unless every given tensor is float32, bfloat16 or float16."""
     for name, tensor in tensors.items():
-        if tensor is not None and tensor.dtype not in _FLOAT_DTYPES:
+        if not has_triton_dtypes(tensor):
             raise TypeError(
                 f"{op}: {name} is {tensor.dtype}; the Triton kernels take float32, bfloat16 or float16 "
                 f"(use kernel_backend='torch' for other dtypes)"
             )
+
+
+def given_flags(**pointers: str) -> dict:
+    """Values for `@triton.heuristics` that set each HAS_* constexpr flag to whether its tensor argument was
+    given: `@triton.heuristics(given_flags(HAS_D="D_ptr"))` compiles the D skip in only when D is not None."""
+    return {flag: (lambda args, pointer=pointer: args[pointer] is not None) for flag, pointer in pointers.items()}

@@ -84,7 +84,7 @@ QUANTIZATION_SKIP_MODULES = HybridLMForCausalLM._quantization_skip_modules
 COMPUTE_BYTES = 2  # bf16
 BNB_4BIT_BLOCKSIZE = 64
 BNB_NESTED_BLOCKSIZE = 256
-SCAN_CHUNK = 256  # tokens per float32 state the Triton scan keeps (triton_ssm._MAX_CHUNK)
+SCAN_CHUNK = 256  # tokens per float32 state the Triton scan keeps (max_chunk of mamba_scan_triton.scan_tiles)
 
 JSON_KEYS = ("total_params", "active_params", "weights_bytes", "kv_cache_bytes", "mamba_state_bytes",
              "activation_bytes", "total_bytes")

@@ -47,7 +47,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from . import transformers_compat as compat
-from .configuration_hybrid_lm import HybridLMConfig
+from .configuration_hybrid_lm import HybridLMConfig, check_kernel_backend
 from .feed_forward_hybrid_lm import (
     HybridLMMLP,
     HybridLMSparseMoeBlock,
@@ -59,14 +59,8 @@ from .cross_entropy_ops import linear_cross_entropy
 from .generation_hybrid_lm import StaticDecodingCaches, static_decoding_kwargs
 from .hub_hybrid_lm import push_folder_to_hub
 from .loading_checks import check_weight_files
+from .mamba_kernels import MambaKernels, select_kernels
 from .rms_norm_ops import rms_norm
-from .mamba_ops import (
-    causal_conv1d,
-    causal_conv1d_update,
-    resolve_backend,
-    selective_scan,
-    selective_state_update,
-)
 from .transformers_compat import CACHE_NAME, accepts_cache_alias, cache_output
 
 logger = logging.get_logger(__name__)
@@ -284,6 +278,9 @@ class HybridLMMambaMixer(nn.Module):
     float32 whatever the model dtype. Padded positions (attention_mask == 0) are zeroed before the conv
     and before the scan, so they never reach the states: a left-padded row computes exactly what it
     would alone.
+
+    The four ops run on `self.kernels`, the kernel tier (mamba_kernels.py) bound by `kernels_for` at the first
+    forward on a device, or by `HybridLMPreTrainedModel.set_kernel_backend`.
     """
 
     _fp32_parameters = ("A_log", "D", "dt_proj.bias")
@@ -316,6 +313,19 @@ class HybridLMMambaMixer(nn.Module):
             self.dt_layernorm = HybridLMRMSNorm.from_config(config, rank)
             self.b_layernorm = HybridLMRMSNorm.from_config(config, d_state)
             self.c_layernorm = HybridLMRMSNorm.from_config(config, d_state)
+        self.kernels: MambaKernels | None = None
+        self.kernels_device: torch.device | None = None  # the device `kernels` was chosen for
+
+    def kernels_for(self, device: torch.device) -> MambaKernels:
+        """The kernel tier that runs this mixer on `device`: `config.kernel_backend`'s choice for that device
+        (`mamba_kernels.select_kernels`), made at the first forward there and kept until the mixer runs on another
+        device. A torch.compile trace binds nothing (and runs no self-check): run one eager step first."""
+        if self.kernels_device != device:
+            kernels = select_kernels(self.config.kernel_backend, device)
+            if torch.compiler.is_compiling():
+                return kernels
+            self.kernels, self.kernels_device = kernels, device
+        return self.kernels
 
     def _apply(self, fn, recurse=True):
         # `model.to(bfloat16)` / `.half()` must not round A_log, D and the dt bias: keep them float32.
@@ -346,7 +356,7 @@ class HybridLMMambaMixer(nn.Module):
         of one) starts from them and writes back the final states the kernels return.
         """
         batch, length, _ = hidden_states.shape
-        backend = resolve_backend(self.config.kernel_backend, hidden_states.device)
+        kernels = self.kernels_for(hidden_states.device)
         has_state = cache is not None and cache.has_previous_state(self.layer_idx)
         conv_state = compat.conv_state(cache, self.layer_idx) if has_state else None
         ssm_state = compat.recurrent_state(cache, self.layer_idx) if has_state else None
@@ -362,12 +372,12 @@ class HybridLMMambaMixer(nn.Module):
         conv_weight, conv_bias = _module_tensors(self.conv1d, "weight", "bias")
         conv_weight = conv_weight[:, 0, :]  # (D, d_conv)
         if decoding:
-            x = causal_conv1d_update(x[..., 0], conv_state, conv_weight, conv_bias, "silu", backend=backend)
+            x = kernels.causal_conv1d_update(x[..., 0], conv_state, conv_weight, conv_bias, "silu")
             x = x[..., None]
         else:
-            conv_out = causal_conv1d(
+            conv_out = kernels.causal_conv1d(
                 x, conv_weight, conv_bias, initial_state=conv_state, seq_idx=seq_idx, activation="silu",
-                return_final_state=cache is not None, backend=backend,
+                return_final_state=cache is not None,
             )
             x, final_conv_state = conv_out if cache is not None else (conv_out, None)
         if token_mask is not None:
@@ -385,15 +395,15 @@ class HybridLMMambaMixer(nn.Module):
 
         # 4. selective scan (or one recurrent step when decoding)
         if decoding:
-            y = selective_state_update(
+            y = kernels.selective_state_update(
                 ssm_state, x[..., 0], time_step[..., 0], A, B[:, 0], C[:, 0],
-                D=_local(self.D), z=z[..., 0], dt_bias=dt_bias, dt_softplus=True, backend=backend,
+                D=_local(self.D), z=z[..., 0], dt_bias=dt_bias, dt_softplus=True,
             )[..., None]
         else:
-            scan_out = selective_scan(
+            scan_out = kernels.selective_scan(
                 x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=_local(self.D), z=z,
                 delta_bias=dt_bias, delta_softplus=True, initial_state=ssm_state,
-                seq_idx=seq_idx, return_final_state=cache is not None, backend=backend,
+                seq_idx=seq_idx, return_final_state=cache is not None,
             )
             y = scan_out
             if cache is not None:
@@ -570,6 +580,25 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         log_min, log_max = torch.log(torch.tensor(config.mamba_dt_min)), torch.log(torch.tensor(config.mamba_dt_max))
         dt = torch.exp(torch.rand(d_inner) * (log_max - log_min) + log_min).clamp(min=config.mamba_dt_init_floor)
         init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def set_kernel_backend(self, backend: "str | MambaKernels") -> None:
+        """Runs every Mamba mixer on the kernel tier `backend` from now on, and records its name in
+        `config.kernel_backend`, which save_pretrained writes (a loaded model chooses the same way).
+
+        `backend` is a name ("auto", "torch", "triton", "cuda"), chosen for each mixer's device as at its first
+        forward, or a tier instance (e.g. `mamba_kernels.TritonKernels(scan_tiles=...)`), bound as it is. The
+        errors are those of `config.kernel_backend`: ValueError for an unknown name or a tier that cannot run on the
+        device, ImportError (with the install command) for a missing package; nothing changes when one is raised. A
+        mixer that later runs on another device (or whose weights are offloaded now) chooses again from the name."""
+        name = backend.name if isinstance(backend, MambaKernels) else backend
+        check_kernel_backend(name)
+        mixers = [module for module in self.modules() if isinstance(module, HybridLMMambaMixer)]
+        devices = {mixer.A_log.device for mixer in mixers} - {torch.device("meta")}
+        chosen = {device: select_kernels(backend, device) for device in devices}
+        for mixer in mixers:
+            device = mixer.A_log.device
+            mixer.kernels, mixer.kernels_device = chosen.get(device), (device if device in chosen else None)
+        self.config.kernel_backend = name
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Uploads the model (weights, config, code for trust_remote_code) with a generated model card: the layer

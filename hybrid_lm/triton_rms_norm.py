@@ -29,7 +29,7 @@ try:  # transformers' remote-code loader skips imports inside try blocks; rms_no
 except ImportError as error:
     raise ImportError("the Triton kernels need triton: pip install triton") from error
 
-from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
+from .custom_ops import op_namespace, require_triton_dtypes
 
 _NS = op_namespace(__name__)
 
@@ -260,7 +260,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, re
         out (..., H) in promote(weight.dtype, input dtype); with `residual`, (out, x + residual).
         Differentiable in x, weight and residual.
     """
-    require_float_inputs("rms_norm_triton", x=x, weight=weight, residual=residual)
+    require_triton_dtypes("rms_norm_triton", x=x, weight=weight, residual=residual)
     hidden = x.shape[-1] if x.dim() else 0
     if weight.dim() != 1 or hidden != weight.shape[0] or not 0 < hidden <= MAX_HIDDEN:
         raise ValueError(f"rms_norm_triton takes x (..., H) and weight (H,) with 0 < H <= {MAX_HIDDEN}, got "
@@ -268,6 +268,5 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, re
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm_triton: residual has shape {tuple(residual.shape)}, expected {tuple(x.shape)}")
     args = (x, weight, residual, float(eps))
-    # the custom op is for torch.compile and autograd; eager inference skips its dispatch overhead
-    out, total, _ = (_rms_norm_fwd_op if needs_custom_op(x, weight, residual) else _rms_norm_fwd)(*args)
+    out, total, _ = _rms_norm_fwd_op(*args)  # one launch path, as for the Mamba ops: eager, autograd, compile, graphs
     return out if residual is None else (out, total)

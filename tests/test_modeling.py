@@ -126,8 +126,9 @@ def test_save_and_load_through_auto_classes(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    for name in ("modeling_hybrid_lm.py", "configuration_hybrid_lm.py", "ssm_ops.py", "conv_ops.py",
-                 "triton_ssm.py", "triton_conv.py", "cuda_ops.py", "custom_ops.py"):  # GPU kernels travel too
+    for name in ("modeling_hybrid_lm.py", "configuration_hybrid_lm.py", "mamba_kernels.py", "mamba_scan_ref.py",
+                 "mamba_conv_ref.py", "mamba_scan_triton.py", "mamba_conv_triton.py", "mamba_cuda.py",
+                 "custom_ops.py"):  # GPU kernels travel too
         assert (tmp_path / name).exists(), name
     input_ids = ids()
     expected = model(input_ids).logits

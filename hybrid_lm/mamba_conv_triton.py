@@ -1,7 +1,8 @@
 """Causal depthwise conv1d of the Mamba mixer: the Triton tier, forward, backward and the decoding step.
 
 Shape legend: B = batch, D = channels, L = length, K = kernel width, P = time steps per program.
-Same semantics and signatures as `conv_ops.causal_conv1d_ref` / `causal_conv1d_update_ref`:
+The op's contract is the docstring of mamba_conv_ref.py, whose `causal_conv1d_ref` / `causal_conv1d_update_ref`
+this file's public functions mirror:
 
     out_t[d] = act(bias[d] + sum_k weight[d, k] * x_{t - (K - 1) + k}[d])
 
@@ -15,20 +16,20 @@ input feeds rather than storing it, and writes per-program partial sums of dweig
 adds up (deterministic, no atomics).
 """
 
+from typing import NamedTuple
+
 import torch
 
-try:  # transformers' remote-code loader skips imports inside try blocks; mamba_ops reports the absence
+try:  # transformers' remote-code checks skip imports inside try blocks; mamba_kernels reports the absence
     import triton
     import triton.language as tl
 except ImportError as error:
     raise ImportError("the Triton kernels need triton: pip install triton") from error
 
-from .conv_ops import _activation
-from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
+from .custom_ops import given_flags, op_namespace, require_triton_dtypes
+from .mamba_conv_ref import activation_fn
 
 _NS = op_namespace(__name__)
-
-_BLOCK_D, _BLOCK_L, _WARPS = 16, 128, 4
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -61,6 +62,15 @@ def _silu_grad(pre):
     return sig * (1.0 + pre * (1.0 - sig))
 
 
+# The conv's optional inputs: a None tensor turns its HAS_* flag off. With K = 1 the initial and final states are
+# (B, D, 0): nothing to read or write.
+_has_bias = given_flags(HAS_BIAS="bias_ptr")
+_has_init_seq = {
+    **given_flags(HAS_SEQ="seq_ptr"), "HAS_INIT": lambda args: args["init_ptr"] is not None and args["WIDTH"] > 1,
+}
+
+
+@triton.heuristics({**_has_bias, **_has_init_seq})
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, out_ptr,
@@ -68,7 +78,8 @@ def _conv_fwd_kernel(
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """x, out: (B, D, L); weight: (D, K); bias: (D,); init: (B, D, K - 1); seq: (B, L). All contiguous."""
+    """x, out: (B, D, L); weight: (D, K); bias: (D,); init: (B, D, K - 1); seq: (B, L); each of bias, init, seq
+    may be None. All contiguous."""
     batch = tl.program_id(2).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -90,6 +101,7 @@ def _conv_fwd_kernel(
              mask=mask_d[:, None] & mask_t[None, :])
 
 
+@triton.heuristics(_has_init_seq)
 @triton.jit
 def _conv_final_state_kernel(
     x_ptr, init_ptr, seq_ptr, final_ptr,
@@ -157,6 +169,8 @@ def _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal
     return grad, grad_pre_here
 
 
+@triton.heuristics({**_has_bias, **_has_init_seq,
+                    "HAS_DFINAL": lambda args: args["dfinal_ptr"] is not None and args["WIDTH"] > 1})
 @triton.jit
 def _conv_bwd_kernel(
     x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr,
@@ -202,6 +216,7 @@ def _conv_bwd_kernel(
                      mask=mask_d[:, None] & (s_init < 0)[None, :])
 
 
+@triton.heuristics(_has_bias)
 @triton.jit
 def _conv_update_kernel(
     x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr,
@@ -232,111 +247,113 @@ def _conv_update_kernel(
     tl.store(out_ptr + batch * stride_out_b + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- tiles
+
+
+class ConvTiles(NamedTuple):
+    """Tile sizes of the conv kernels: each program owns BLOCK_D channels by BLOCK_L positions, run by `num_warps`
+    warps. The defaults were timed on an H100 (`python benchmarks/kernels.py --sweep`)."""
+
+    block_d: int = 16
+    block_l: int = 128
+    num_warps: int = 4
 
 
 def _block_k(width: int) -> int:
     return triton.next_power_of_2(max(width - 1, 1))
 
 
-def _conv_fwd(x, weight, bias, initial_state, seq_idx, silu):
+# ----------------------------------------------------------------------------- custom ops (launchers) + autograd
+# Every call goes through these ops, in eager mode as under torch.compile and CUDA-graph capture (see the scan's).
+
+
+@torch.library.custom_op(f"{_NS}::causal_conv1d_fwd", mutates_args=())
+def _causal_conv1d_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None, silu: bool, block_d: int, block_l: int, num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns out (B, D, L) and the final state (B, D, K - 1), both in x's dtype."""
     batch, channels, length = x.shape
     width = weight.shape[1]
     x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
                                          for t in (x, weight, initial_state, seq_idx))
     out = x.new_empty(x.shape)
     final_state = x.new_empty(batch, channels, width - 1)
-    flags = dict(WIDTH=width, HAS_INIT=initial_state is not None and width > 1, HAS_SEQ=seq_idx is not None)
-    grid = (triton.cdiv(length, _BLOCK_L), triton.cdiv(channels, _BLOCK_D), batch)
-    _conv_fwd_kernel[grid](
+    _conv_fwd_kernel[(triton.cdiv(length, block_l), triton.cdiv(channels, block_d), batch)](
         x, weight, bias, initial_state, seq_idx, out, channels, length,
-        HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L, num_warps=_WARPS, **flags,
+        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
     )
     if width > 1:
-        _conv_final_state_kernel[(triton.cdiv(channels, _BLOCK_D), batch)](
+        _conv_final_state_kernel[(triton.cdiv(channels, block_d), batch)](
             x, initial_state, seq_idx, final_state, channels, length,
-            BLOCK_D=_BLOCK_D, BLOCK_K=_block_k(width), num_warps=_WARPS, **flags,
+            WIDTH=width, BLOCK_D=block_d, BLOCK_K=_block_k(width), num_warps=num_warps,
         )
     return out, final_state
 
 
-def _conv_bwd(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu):
+@_causal_conv1d_fwd.register_fake
+def _(x, weight, bias, initial_state, seq_idx, silu, block_d, block_l, num_warps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1)
+
+
+@torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", mutates_args=())
+def _causal_conv1d_bwd(
+    grad_out: torch.Tensor, grad_final_state: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool,
+    block_d: int, block_l: int, num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx, d(initial_state) (empty when it is None), dweight and dbias (float32; empty when None)."""
     batch, channels, length = x.shape
     width = weight.shape[1]
     x, weight, initial_state, seq_idx, grad_out, grad_final_state = (
         t.contiguous() if t is not None else None
         for t in (x, weight, initial_state, seq_idx, grad_out, grad_final_state)
     )
-    has_init = initial_state is not None and width > 1
-    n_blocks = triton.cdiv(length, _BLOCK_L)
+    n_blocks = triton.cdiv(length, block_l)
     dx = x.new_empty(x.shape)
     dinit = initial_state.new_zeros(initial_state.shape) if initial_state is not None else x.new_empty(0)
     dweight = torch.empty(batch, n_blocks, channels, width, device=x.device, dtype=torch.float32)
     dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, _BLOCK_D), batch)](
+    _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, block_d), batch)](
         x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state,
         dx, dinit, dweight, dbias, channels, length,
-        WIDTH=width, HAS_BIAS=bias is not None, HAS_INIT=has_init, HAS_SEQ=seq_idx is not None,
-        HAS_DFINAL=grad_final_state is not None and width > 1, SILU=silu,
-        BLOCK_D=_BLOCK_D, BLOCK_L=_BLOCK_L, BLOCK_K=_block_k(width), num_warps=_WARPS,
+        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=_block_k(width), num_warps=num_warps,
     )
     return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
 
 
-# ----------------------------------------------------------------------------- custom ops + autograd
-
-
-@torch.library.custom_op(f"{_NS}::causal_conv1d_fwd", mutates_args=())
-def _causal_conv1d_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
-    seq_idx: torch.Tensor | None, silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns out (B, D, L) and the final state (B, D, K - 1), both in x's dtype."""
-    return _conv_fwd(x, weight, bias, initial_state, seq_idx, silu)
-
-
-@_causal_conv1d_fwd_op.register_fake
-def _(x, weight, bias, initial_state, seq_idx, silu):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1)
-
-
-@torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", mutates_args=())
-def _causal_conv1d_bwd_op(
-    grad_out: torch.Tensor, grad_final_state: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-    bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dx, d(initial_state) (empty when it is None), dweight and dbias (float32; empty when None)."""
-    return _conv_bwd(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu)
-
-
-@_causal_conv1d_bwd_op.register_fake
-def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu):
+@_causal_conv1d_bwd.register_fake
+def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu, block_d, block_l, num_warps):
     dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
     dbias = x.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32)
     return x.new_empty(x.shape), dinit, weight.new_empty(weight.shape, dtype=torch.float32), dbias
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, initial_state, seq_idx, silu = inputs
+    x, weight, bias, initial_state, seq_idx, silu, *tiles = inputs
     ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
-    ctx.silu = silu
+    ctx.silu, ctx.tiles = silu, tiles
 
 
 def _conv_backward(ctx, grad_out, grad_final_state):
     x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
-    dx, dinit, dweight, dbias = _causal_conv1d_bwd_op(
-        grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu
+    dx, dinit, dweight, dbias = _causal_conv1d_bwd(
+        grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu, *ctx.tiles
     )
     return (
         dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
-        dinit if initial_state is not None else None, None, None,
+        dinit if initial_state is not None else None, None, None, None, None, None,
     )
 
 
-_causal_conv1d_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
-def _conv_update(x, conv_state, weight, bias, silu):
+@torch.library.custom_op(f"{_NS}::causal_conv1d_update", mutates_args=("conv_state",))
+def _causal_conv1d_update(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+) -> torch.Tensor:
+    """Returns out (B, D) and shifts x into `conv_state`. Tiles: up to 256 channels a program."""
     batch, channels = x.shape
     width = weight.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -346,19 +363,12 @@ def _conv_update(x, conv_state, weight, bias, silu):
     _conv_update_kernel[(triton.cdiv(channels, block_d), batch)](
         x, conv_state, weight, bias, out,
         channels, x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), out.stride(0),
-        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d, BLOCK_K=_block_k(width), num_warps=4,
+        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_K=_block_k(width), num_warps=4,
     )
     return out
 
 
-@torch.library.custom_op(f"{_NS}::causal_conv1d_update", mutates_args=("conv_state",))
-def _causal_conv1d_update_op(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-) -> torch.Tensor:
-    return _conv_update(x, conv_state, weight, bias, silu)
-
-
-@_causal_conv1d_update_op.register_fake
+@_causal_conv1d_update.register_fake
 def _(x, conv_state, weight, bias, silu):
     return x.new_empty(x.shape)
 
@@ -367,34 +377,19 @@ def _(x, conv_state, weight, bias, silu):
 
 
 def _check_conv_inputs(op, x, weight, bias, activation, **tensors):
-    _activation(activation)  # raises ValueError for an unknown name
-    require_float_inputs(op, x=x, weight=weight, bias=bias, **tensors)
+    activation_fn(activation)  # raises ValueError for an unknown name
+    require_triton_dtypes(op, x=x, weight=weight, bias=bias, **tensors)
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight must be (channels, width), got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
 
 
-def causal_conv1d_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    activation: str | None = None,
-    return_final_state: bool = False,
-):
-    """Causal depthwise convolution over a whole sequence; same contract as `conv_ops.causal_conv1d_ref`.
-
-    Args:
-        x: (B, D, L).  weight: (D, K).  bias: (D,).
-        initial_state: (B, D, K - 1) inputs preceding x.  seq_idx: (B, L) document ids.
-        activation: None, "silu" or "swish".
-    Returns:
-        out (B, D, L) in x's dtype and, with `return_final_state`, the last K - 1 inputs
-        (B, D, K - 1), zeroed where they belong to an earlier document than the last one.
-        Differentiable in x, weight, bias and initial_state.
-    """
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,
+                         return_final_state=False, tiles: ConvTiles | None = None):
+    """The causal depthwise convolution over a whole sequence: `mamba_conv_ref.causal_conv1d_ref`'s arguments,
+    shapes and results, differentiable in x, weight, bias and initial_state. `tiles`: the kernels' tile sizes, None
+    takes `ConvTiles()`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
     _check_conv_inputs("causal_conv1d_triton", x, weight, bias, activation, initial_state=initial_state)
     if x.dim() != 3 or x.shape[1] != weight.shape[0] or x.shape[2] == 0:
         raise ValueError(
@@ -407,27 +402,15 @@ def causal_conv1d_triton(
         )
     if seq_idx is not None and tuple(seq_idx.shape) != (batch, length):
         raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(batch, length)}")
-    args = (x, weight, bias, initial_state, seq_idx, activation is not None)
-    # the custom op is for torch.compile and autograd; eager inference skips its dispatch overhead
-    out, final_state = (_causal_conv1d_fwd_op if needs_custom_op(*args[:4]) else _conv_fwd)(*args)
+    out, final_state = _causal_conv1d_fwd(
+        x, weight, bias, initial_state, seq_idx, activation is not None, *(tiles or ConvTiles())
+    )
     return (out, final_state) if return_final_state else out
 
 
-def causal_conv1d_update_triton(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-) -> torch.Tensor:
-    """One decoding step for a batch, shifting `x` into `conv_state` in place; same contract as
-    `conv_ops.causal_conv1d_update_ref`.
-
-    Args:
-        x: (B, D).  conv_state: (B, D, K - 1).  weight: (D, K).  bias: (D,).
-    Returns:
-        out: (B, D) in x's dtype.
-    """
+def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
+    """One decoding step, shifting `x` into `conv_state` in place: `mamba_conv_ref.causal_conv1d_update_ref`'s
+    arguments, shapes and result."""
     _check_conv_inputs("causal_conv1d_update_triton", x, weight, bias, activation, conv_state=conv_state)
     expected = (x.shape[0], weight.shape[0], weight.shape[1] - 1)
     if x.dim() != 2 or x.shape[1] != weight.shape[0] or tuple(conv_state.shape) != expected:
@@ -435,5 +418,4 @@ def causal_conv1d_update_triton(
             f"x must be (batch, {weight.shape[0]}) and conv_state {expected} for weight {tuple(weight.shape)}, "
             f"got x {tuple(x.shape)} and conv_state {tuple(conv_state.shape)}"
         )
-    op = _causal_conv1d_update_op if torch.compiler.is_compiling() else _conv_update  # as in causal_conv1d_triton
-    return op(x, conv_state, weight, bias, activation is not None)
+    return _causal_conv1d_update(x, conv_state, weight, bias, activation is not None)

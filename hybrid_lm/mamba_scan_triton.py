@@ -2,8 +2,8 @@
 
 Shape legend: B = batch, D = channels (d_inner), L = length, N = d_state, T = chunk length,
 nc = number of chunks = ceil(L / T).
-Same semantics and signatures as `ssm_ops.selective_scan_ref` / `selective_state_update_ref` (see there
-for the recurrence): dt bias + softplus, D skip, silu(z) gate, initial state, final state and state
+The op's contract (the recurrence, every argument and shape) is the docstring of mamba_scan_ref.py, whose
+`selective_scan_ref` / `selective_state_update_ref` this file's public functions mirror: dt bias + softplus, D skip, silu(z) gate, initial state, final state and state
 resets where `seq_idx` changes are all fused. State and accumulation are float32 whatever the input
 dtype (bf16, fp16, fp32; float64 is the torch tier's job).
 
@@ -22,21 +22,19 @@ sums over channels: each program reduces its BLOCK_D rows and adds into float32 
 dA, dD and the dt bias get per-program partial sums that torch adds up afterwards.
 """
 
+from typing import NamedTuple
+
 import torch
 
-try:  # transformers' remote-code loader skips imports inside try blocks; mamba_ops reports the absence
+try:  # transformers' remote-code checks skip imports inside try blocks; mamba_kernels reports the absence
     import triton
     import triton.language as tl
 except ImportError as error:
     raise ImportError("the Triton kernels need triton: pip install triton") from error
 
-from .custom_ops import needs_custom_op, op_namespace, require_float_inputs
+from .custom_ops import given_flags, op_namespace, require_triton_dtypes
 
 _NS = op_namespace(__name__)
-
-# Tiles (see `_tiles`); tests lower _MAX_CHUNK to cross several chunks on tiny inputs.
-_MAX_CHUNK = 256
-_ELEMENTS_PER_WARP = 512
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -67,6 +65,35 @@ def _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: t
     if SOFTPLUS:
         dt = _softplus(raw)
     return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _program_rows(D_ptr, bias_ptr, channels, length, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's batch row, channels offs_d ([BLOCK_D]) and their mask, the step offsets within a chunk
+    offs_j ([T]), the channels' row offsets into (B, D, L) tensors, and their dt bias and D skip (float32)."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < channels
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    return batch, offs_d, offs_j, mask_d, rows, bias, skip
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Chunk `chunk` of a program's rows: its steps t and their mask ([T]), the tile's mask and offsets into the
+    (B, D, L) tensors, and u and dt (after bias and softplus) as float32 [BLOCK_D, T] tiles."""
+    t = chunk * BLOCK_T + offs_j
+    mask_t = t < length
+    mask = mask_d[:, None] & mask_t[None, :]
+    offsets = rows[:, None] + t[None, :]
+    u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+    return t, mask_t, mask, offsets, u, dt
 
 
 @triton.jit
@@ -102,24 +129,23 @@ def _state_inputs(A_ptr, B_ptr, C_ptr, slot_ptr, n, d_state, channels, length, B
     return A_n, B_n, C_n, slot_n
 
 
+# the scan's optional inputs: a None tensor turns its flag off (Triton compiles one variant per combination)
+_scan_flags = triton.heuristics(given_flags(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr", HAS_SEQ="seq_ptr"))
+
+
+@_scan_flags
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     out_ptr, states_ptr,
     channels, length, d_state,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
-    """u, delta, z, out: (B, D, L); A: (N, D) float32 (transposed); B, C: (B, N, L); D, bias: (D,);
-    seq: (B, L); states: (B, nc + 1, N, D) float32 with slot 0 filled. All contiguous."""
-    pid_d = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < channels
-    rows = batch * channels * length + offs_d.to(tl.int64) * length  # [BLOCK_D]
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    """u, delta, z, out: (B, D, L); A: (N, D) float32 (transposed); B, C: (B, N, L); D, bias: (D,) or None;
+    seq: (B, L) or None; states: (B, nc + 1, N, D) float32 with slot 0 filled. All contiguous."""
+    batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
+                                                                    BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
     n_chunks = tl.cdiv(length, BLOCK_T)
     slot_size = d_state * channels
@@ -127,12 +153,8 @@ def _scan_fwd_kernel(
     last = (offs_j == BLOCK_T - 1)[None, :]
 
     for chunk in range(n_chunks):
-        t = chunk * BLOCK_T + offs_j
-        mask_t = t < length
-        mask = mask_d[:, None] & mask_t[None, :]
-        offsets = rows[:, None] + t[None, :]
-        u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+        t, mask_t, mask, offsets, u, dt = _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias,
+                                                      HAS_BIAS, SOFTPLUS, BLOCK_T)
         dtu = dt * u
         reset = _resets(seq_ptr, batch, t, length)[None, :] if HAS_SEQ else None
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
@@ -164,27 +186,22 @@ def _scan_fwd_kernel(
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@_scan_flags
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, dout_ptr, states_ptr,
     adjoint_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     channels, length, d_state,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
     """Inputs as in `_scan_fwd_kernel`, plus dout (B, D, L) and the forward's `states`.
     adjoint: (B, nc + 1, N, D) float32, slot nc filled with the final state's gradient; slot c gets
     dL/d(state before chunk c), so slot 0 ends as the initial state's gradient.
     du, ddelta, dz: (B, D, L) in the inputs' dtypes.  dB, dC: (B, N, L) float32, zeroed, added into.
-    dA: (B, nc, N, D), dD, dbias: (B, D) float32 partial sums."""
-    pid_d = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < channels
-    rows = batch * channels * length + offs_d.to(tl.int64) * length
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    dA: (B, nc, N, D), dD, dbias: (B, D) float32 partial sums (dz, dD, dbias None when z, D, bias are)."""
+    batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
+                                                                    BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
     n_chunks = tl.cdiv(length, BLOCK_T)
     slot_size = d_state * channels
@@ -197,12 +214,8 @@ def _scan_bwd_kernel(
 
     for chunk_from_end in range(n_chunks):
         chunk = n_chunks - 1 - chunk_from_end
-        t = chunk * BLOCK_T + offs_j
-        mask_t = t < length
-        mask = mask_d[:, None] & mask_t[None, :]
-        offsets = rows[:, None] + t[None, :]
-        u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+        t, mask_t, mask, offsets, u, dt = _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias,
+                                                      HAS_BIAS, SOFTPLUS, BLOCK_T)
         dtu = dt * u
         # the adjoint needs a_{t+1}: recompute it from delta one step ahead rather than shift a tile
         mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
@@ -281,17 +294,18 @@ def _scan_bwd_kernel(
         tl.store(dbias_ptr + batch * channels + offs_d, dbias_acc, mask=mask_d)
 
 
+@triton.heuristics(given_flags(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr"))
 @triton.jit
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
     channels, d_state,
     stride_state_b, stride_state_d, stride_state_n, stride_x_b, stride_dt_b, stride_z_b,
     stride_B_b, stride_C_b, stride_out_b,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """state: (B, D, N), updated in place; x, dt, z, out: (B, D) with unit channel stride;
-    A: (D, N) contiguous; B, C: (B, N) with unit state stride; D, bias: (D,)."""
+    A: (D, N) contiguous; B, C: (B, N) with unit state stride; D, bias: (D,) or None."""
     pid_d = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -321,35 +335,52 @@ def _state_update_kernel(
     tl.store(out_ptr + batch * stride_out_b + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- tiles
 
 
-def _tiles(batch: int, channels: int, length: int) -> tuple[int, int, int]:
-    """(T, forward BLOCK_D, backward BLOCK_D) for one-warp programs.
+class ScanTiles(NamedTuple):
+    """Tile sizes of the scan kernels, one warp a program: T steps a chunk, and the channels (BLOCK_D) a program
+    takes forward and backward."""
+
+    chunk: int
+    block_d: int
+    block_d_backward: int
+
+
+def scan_tiles(length: int, max_chunk: int = 256, elements_per_warp: int = 512) -> ScanTiles:
+    """The default tiles for a sequence of `length` steps.
 
     One warp per program keeps the scans along T and the backward's sums over channels inside a warp
-    (shuffles, no shared memory or barriers). A tile holds _ELEMENTS_PER_WARP elements: two channels by
+    (shuffles, no shared memory or barriers). A tile holds `elements_per_warp` elements: two channels by
     T = 256 steps on long sequences, more channels on short ones. Chosen by timing alternatives on an
     H100 (`python benchmarks/kernels.py --sweep`, figures in benchmarks/RESULTS.md).
     """
-    chunk = min(_MAX_CHUNK, max(16, triton.next_power_of_2(length)))
-    block_d = max(1, _ELEMENTS_PER_WARP // chunk)
-    return chunk, block_d, block_d
+    chunk = min(max_chunk, max(16, triton.next_power_of_2(length)))
+    block_d = max(1, elements_per_warp // chunk)
+    return ScanTiles(chunk, block_d, block_d)
 
 
-def _num_chunks(batch: int, channels: int, length: int) -> int:
-    return -(-length // _tiles(batch, channels, length)[0])
+# ----------------------------------------------------------------------------- custom ops (launchers) + autograd
+# Every call goes through these ops, in eager mode as under torch.compile (which sees them as single nodes with
+# the fake implementations below) and CUDA-graph capture (they launch kernels and allocate, never synchronise).
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+@torch.library.custom_op(f"{_NS}::selective_scan_fwd", mutates_args=())
+def _selective_scan_fwd(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, delta_softplus: bool,
+    chunk: int, block_d: int, block_d_backward: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns out (B, D, L), the final state (B, D, N) float32 and the chunk-start states (B, nc + 1, N, D)
+    float32 the backward recomputes from. `block_d_backward` is read by the autograd registration only."""
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    chunk, block_d, _ = _tiles(batch, channels, length)
-    n_chunks = -(-length // chunk)
+    n_chunks = triton.cdiv(length, chunk)
     u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
     A_t = A.float().t().contiguous()  # (N, D)
     states = torch.empty(batch, n_chunks + 1, d_state, channels, device=u.device, dtype=torch.float32)
@@ -358,20 +389,34 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta
     else:
         states[:, 0] = 0.0
     out = u.new_empty(u.shape)
-    grid = (triton.cdiv(channels, block_d), batch)
-    _scan_fwd_kernel[grid](
+    _scan_fwd_kernel[(triton.cdiv(channels, block_d), batch)](
         u, delta, A_t, B, C, D, z, delta_bias, seq_idx, out, states,
         channels, length, d_state,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
+        SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
     return out, states[:, -1].transpose(1, 2).contiguous(), states
 
 
-def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus):
+@_selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, chunk, block_d, block_d_backward):
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    chunk, _, block_d = _tiles(batch, channels, length)
+    states = u.new_empty(batch, -(-length // chunk) + 1, d_state, channels, dtype=torch.float32)
+    return u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32), states
+
+
+@torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd(
+    grad_out: torch.Tensor, grad_final_state: torch.Tensor | None,
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None, states: torch.Tensor, delta_softplus: bool, chunk: int, block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """Returns du, ddelta, dA, dB, dC (float32), dD, dz, d(delta_bias) (float32; empty when the input is None),
+    d(initial state) (float32). Custom ops cannot return None."""
+    batch, channels, length = u.shape
+    d_state = A.shape[1]
     n_chunks = states.shape[1] - 1
     u, delta, B, C, z, seq_idx, grad_out = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx, grad_out))
     A_t = A.float().t().contiguous()
@@ -387,14 +432,13 @@ def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, s
     dA = torch.empty(batch, n_chunks, d_state, channels, device=u.device, dtype=torch.float32)
     dD = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if D is not None else None
     dbias = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if delta_bias is not None else None
-    grid = (triton.cdiv(channels, block_d), batch)
-    _scan_bwd_kernel[grid](
+    _scan_bwd_kernel[(triton.cdiv(channels, block_d), batch)](
         u, delta, A_t, B, C, D, z, delta_bias, seq_idx, grad_out, states,
         adjoint, du, ddelta, dz, dB, dC, dA, dD, dbias,
         channels, length, d_state,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_SEQ=seq_idx is not None, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
+        SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
+
     def absent():  # a fresh empty tensor each time: outputs of a custom op may not alias
         return u.new_empty(0)
 
@@ -406,43 +450,9 @@ def _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, s
     )
 
 
-# ----------------------------------------------------------------------------- custom ops + autograd
-
-
-@torch.library.custom_op(f"{_NS}::selective_scan_fwd", mutates_args=())
-def _selective_scan_fwd_op(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, delta_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns out (B, D, L), final state (B, D, N) float32 and the chunk-start states (B, nc + 1, N, D)."""
-    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus)
-
-
-@_selective_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
-    batch, channels, length = u.shape
-    d_state = A.shape[1]
-    states = u.new_empty(batch, _num_chunks(batch, channels, length) + 1, d_state, channels, dtype=torch.float32)
-    return u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32), states
-
-
-@torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
-def _selective_scan_bwd_op(
-    grad_out: torch.Tensor, grad_final_state: torch.Tensor | None,
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-    seq_idx: torch.Tensor | None, states: torch.Tensor, delta_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
-    """Returns du, ddelta, dA, dB, dC (float32), dD, dz, d(delta_bias) (float32; empty when the input is None),
-    d(initial state) (float32). Custom ops cannot return None."""
-    return _scan_bwd(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states,
-                     delta_softplus)
-
-
-@_selective_scan_bwd_op.register_fake
-def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus):
+@_selective_scan_bwd.register_fake
+def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus, chunk,
+      block_d):
     batch, channels, _ = u.shape
     d_state = A.shape[1]
     f32 = torch.float32
@@ -457,30 +467,38 @@ def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, 
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, chunk, _, block_d_backward = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
-    ctx.delta_softplus = delta_softplus
+    ctx.delta_softplus, ctx.chunk, ctx.block_d_backward = delta_softplus, chunk, block_d_backward
     ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
 
 
 def _scan_backward(ctx, grad_out, grad_final_state, _grad_states):
     u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _selective_scan_bwd_op(
-        grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, ctx.delta_softplus
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _selective_scan_bwd(
+        grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, ctx.delta_softplus,
+        ctx.chunk, ctx.block_d_backward,
     )
     return (
         du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
         dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
         dbias.to(delta_bias.dtype) if delta_bias is not None else None,
         dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None,
-        None, None,
+        None, None, None, None, None,
     )
 
 
-_selective_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+@torch.library.custom_op(f"{_NS}::selective_state_update", mutates_args=("state",))
+def _selective_state_update(
+    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+) -> torch.Tensor:
+    """Returns out (B, D) and writes the new state into `state`. Tiles: all N states of up to 2048 // N
+    channels a program."""
     batch, channels, d_state = state.shape
     x, dt, z = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, dt, z))
     B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C))
@@ -488,28 +506,17 @@ def _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     out = x.new_empty(x.shape)
     block_n = triton.next_power_of_2(d_state)
     block_d = max(1, min(triton.next_power_of_2(channels), 2048 // block_n))
-    grid = (triton.cdiv(channels, block_d), batch)
-    _state_update_kernel[grid](
+    _state_update_kernel[(triton.cdiv(channels, block_d), batch)](
         state, x, dt, A, B, C, D, z, dt_bias, out,
         channels, d_state,
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), dt.stride(0),
         z.stride(0) if z is not None else 0, B.stride(0), C.stride(0), out.stride(0),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
+        SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
     )
     return out
 
 
-@torch.library.custom_op(f"{_NS}::selective_state_update", mutates_args=("state",))
-def _selective_state_update_op(
-    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-    C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-) -> torch.Tensor:
-    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-
-
-@_selective_state_update_op.register_fake
+@_selective_state_update.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(x.shape)
 
@@ -517,95 +524,52 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 # ----------------------------------------------------------------------------- public functions
 
 
-def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
-    require_float_inputs("selective_scan_triton", u=u, delta=delta, B=B, C=C, z=z)
+def _check_shapes(expected: dict, context: str) -> None:
+    """Raises ValueError for the first given tensor of `expected` ({name: (tensor or None, shape)}) of another shape."""
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} {context}")
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                          seq_idx=None, return_final_state=False, tiles: ScanTiles | None = None):
+    """The fused selective scan: `mamba_scan_ref.selective_scan_ref`'s arguments, shapes and results (the final
+    state is float32), differentiable in every tensor but seq_idx. `tiles`: the kernels' tile sizes, None takes
+    `scan_tiles(L)`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
+    require_triton_dtypes("selective_scan_triton", u=u, delta=delta, B=B, C=C, z=z)
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
     batch, channels, length = u.shape
     if length == 0:
         raise ValueError("u has length 0; call the scan with at least one step")
     d_state = A.shape[-1]
-    expected = {
+    _check_shapes({
         "delta": (delta, (batch, channels, length)), "A": (A, (channels, d_state)),
         "B": (B, (batch, d_state, length)), "C": (C, (batch, d_state, length)),
         "D": (D, (channels,)), "z": (z, (batch, channels, length)), "delta_bias": (delta_bias, (channels,)),
         "initial_state": (initial_state, (batch, channels, d_state)), "seq_idx": (seq_idx, (batch, length)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)}, expected {shape} for u of shape {tuple(u.shape)} "
-                f"and d_state {d_state}; B and C must be (batch, d_state, length)"
-            )
+    }, f"for u of shape {tuple(u.shape)} and d_state {d_state}; B and C must be (batch, d_state, length)")
     if seq_idx is not None and (seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool):
         raise TypeError(f"seq_idx must hold integer document ids, got {seq_idx.dtype}")
 
-
-def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    return_final_state: bool = False,
-):
-    """Fused selective scan; same contract as `ssm_ops.selective_scan_ref`.
-
-    Args:
-        u: (B, D, L) input.  delta: (B, D, L) step size before bias/softplus.  A: (D, N).
-        B, C: (B, N, L).  D: (D,) skip.  z: (B, D, L) gate.  delta_bias: (D,).
-        initial_state: (B, D, N) state before the first step (zeros when None).
-        seq_idx: (B, L) integer document ids of a packed batch; the state restarts where it changes.
-    Returns:
-        out (B, D, L) in u's dtype, and with `return_final_state` the state after the last step
-        (B, D, N) in float32. Differentiable in every tensor but seq_idx.
-    """
-    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus))
-    # the custom op is for torch.compile and autograd; eager inference skips its dispatch overhead
-    op = _selective_scan_fwd_op if needs_custom_op(*args[:9]) else _scan_fwd
-    out, final_state, _ = op(*args)
+    chunk, block_d, block_d_backward = tiles or scan_tiles(length)
+    out, final_state, _ = _selective_scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
+        chunk, block_d, block_d_backward,
+    )
     return (out, final_state) if return_final_state else out
 
 
-def selective_state_update_triton(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-) -> torch.Tensor:
-    """One decoding step for a batch, updating `state` in place; same contract as
-    `ssm_ops.selective_state_update_ref`.
-
-    Args:
-        state: (B, D, N), float32 (any float dtype works; the arithmetic is float32).
-        x, dt, z: (B, D).  A: (D, N).  B, C: (B, N).  D, dt_bias: (D,).
-    Returns:
-        out: (B, D) in x's dtype.
-    """
-    require_float_inputs("selective_state_update_triton", state=state, x=x, dt=dt, B=B, C=C, z=z)
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step, updating `state` in place: `mamba_scan_ref.selective_state_update_ref`'s arguments,
+    shapes and result. The state may be of any float dtype; the arithmetic is float32."""
+    require_triton_dtypes("selective_state_update_triton", state=state, x=x, dt=dt, B=B, C=C, z=z)
     if state.dim() != 3:
         raise ValueError(f"state must be (batch, channels, d_state), got shape {tuple(state.shape)}")
     batch, channels, d_state = state.shape
-    expected = {
+    _check_shapes({
         "x": (x, (batch, channels)), "dt": (dt, (batch, channels)), "A": (A, (channels, d_state)),
         "B": (B, (batch, d_state)), "C": (C, (batch, d_state)), "D": (D, (channels,)),
         "z": (z, (batch, channels)), "dt_bias": (dt_bias, (channels,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for state {tuple(state.shape)}")
-    op = _selective_state_update_op if torch.compiler.is_compiling() else _state_update  # as in the scan
-    return op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    }, f"for state {tuple(state.shape)}")
+    return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))

@@ -1,16 +1,28 @@
 """The Triton kernels against the pure-PyTorch reference (run on float64 copies): outputs and every gradient.
 
-Without CUDA the kernels run in Triton's interpreter on tiny shapes, with the scan's chunk lowered so
-that several chunks are crossed. Tests marked `gpu` cover the lengths, widths, d_state values and dtypes
+Without CUDA the kernels run in Triton's interpreter on tiny shapes, with tiles small enough (`short_chunks`)
+that several chunks and programs are crossed. Tests marked `gpu` cover the lengths, widths, d_state values and dtypes
 of real models on a GPU.
 """
+
+import functools
 
 import pytest
 import torch
 
-from hybrid_lm import triton_conv, triton_ssm
-from hybrid_lm.conv_ops import causal_conv1d_ref, causal_conv1d_update_ref
-from hybrid_lm.ssm_ops import selective_scan_ref, selective_state_update_ref
+from hybrid_lm import mamba_conv_triton, mamba_scan_triton
+from hybrid_lm.mamba_conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
+from hybrid_lm.mamba_conv_triton import (
+    ConvTiles,
+    causal_conv1d_triton,
+    causal_conv1d_update_triton,
+)
+from hybrid_lm.mamba_scan_ref import selective_scan_ref, selective_state_update_ref
+from hybrid_lm.mamba_scan_triton import (
+    ScanTiles,
+    selective_scan_triton,
+    selective_state_update_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -18,12 +30,12 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 @pytest.fixture
-def short_chunks(monkeypatch):
-    """In the interpreter, chunks of 8 steps so that L <= 40 crosses several of them."""
+def short_chunks():
+    """Tiles for (scan, conv): in the interpreter, chunks of 8 steps so that L <= 40 crosses several of them, and 4
+    channels a program so that several programs run; on a GPU the defaults."""
     if DEVICE == "cpu":
-        monkeypatch.setattr(triton_ssm, "_MAX_CHUNK", 8)
-        monkeypatch.setattr(triton_ssm, "_ELEMENTS_PER_WARP", 32)  # 4 channels a program: several programs
-        monkeypatch.setattr(triton_conv, "_BLOCK_L", 8)
+        return {"tiles": ScanTiles(chunk=8, block_d=4, block_d_backward=4)}, {"tiles": ConvTiles(block_l=8)}
+    return {}, {}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -42,7 +54,8 @@ def documents(batch, length, generator):
     return ids.sort(dim=1).values.to(DEVICE)
 
 
-def check_scan(batch, channels, length, d_state, dtype, z=True, skip=True, bias=True, init=True, seq=True, seed=0):
+def check_scan(batch, channels, length, d_state, dtype, z=True, skip=True, bias=True, init=True, seq=True, seed=0,
+               tiles=None):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, dt=dtype):
@@ -65,7 +78,7 @@ def check_scan(batch, channels, length, d_state, dtype, z=True, skip=True, bias=
         (out.double() * grad_out.double()).sum().add((final.double() * grad_final.double()).sum()).backward()
         return out, final, leaves
 
-    out, final, leaves = run(triton_ssm.selective_scan_triton, lambda t: t.detach().clone())
+    out, final, leaves = run(functools.partial(selective_scan_triton, tiles=tiles), lambda t: t.detach().clone())
     ref_out, ref_final, ref_leaves = run(selective_scan_ref, lambda t: t.detach().double())
     assert out.dtype == dtype and final.dtype == torch.float32
     assert_close("out", out, ref_out, dtype)
@@ -76,7 +89,8 @@ def check_scan(batch, channels, length, d_state, dtype, z=True, skip=True, bias=
             assert_close(f"d{name}", leaf.grad, ref_leaves[name].grad, dtype)
 
 
-def check_conv(batch, channels, length, width, dtype, bias=True, init=True, seq=True, silu=True, seed=0):
+def check_conv(batch, channels, length, width, dtype, bias=True, init=True, seq=True, silu=True, seed=0,
+               tiles=None):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -93,7 +107,7 @@ def check_conv(batch, channels, length, width, dtype, bias=True, init=True, seq=
         (out.double() * grad_out.double()).sum().add((final.double() * grad_final.double()).sum()).backward()
         return out, final, leaves
 
-    out, final, leaves = run(triton_conv.causal_conv1d_triton, lambda t: t.detach().clone())
+    out, final, leaves = run(functools.partial(causal_conv1d_triton, tiles=tiles), lambda t: t.detach().clone())
     ref_out, ref_final, ref_leaves = run(causal_conv1d_ref, lambda t: t.detach().double())
     assert_close("out", out, ref_out, dtype)
     if width > 1:
@@ -115,14 +129,14 @@ def check_decode(batch, channels, d_state, width, dtype, seed=0):
             rand(channels, dt=torch.float32), True)
     ref_state = state.double()
     ref = selective_state_update_ref(ref_state, *(t.double() if isinstance(t, torch.Tensor) else t for t in step))
-    out = triton_ssm.selective_state_update_triton(state, *step)
+    out = selective_state_update_triton(state, *step)
     assert_close("ssm step out", out, ref, dtype)
     assert_close("ssm step state", state, ref_state, torch.float32 if dtype == torch.float32 else dtype)
 
     x, conv_state, weight, bias = rand(batch, channels), rand(batch, channels, width - 1), rand(channels, width), rand(channels)
     ref_conv_state = conv_state.double()
     ref = causal_conv1d_update_ref(x.double(), ref_conv_state, weight.double(), bias.double(), "silu")
-    out = triton_conv.causal_conv1d_update_triton(x, conv_state, weight, bias, "silu")
+    out = causal_conv1d_update_triton(x, conv_state, weight, bias, "silu")
     assert_close("conv step out", out, ref, dtype)
     assert torch.equal(conv_state.double(), ref_conv_state), "the conv state must be shifted exactly"
 
@@ -142,7 +156,7 @@ def check_decode(batch, channels, d_state, width, dtype, seed=0):
     ids=["all-options", "bare", "length-1", "bf16-no-init", "fp16-no-resets"],
 )
 def test_selective_scan_tiny(short_chunks, batch, channels, length, d_state, dtype, options):
-    check_scan(batch, channels, length, d_state["N"], dtype, **options)
+    check_scan(batch, channels, length, d_state["N"], dtype, **options, **short_chunks[0])
 
 
 @pytest.mark.parametrize(
@@ -157,7 +171,7 @@ def test_selective_scan_tiny(short_chunks, batch, channels, length, d_state, dty
     ids=["all-options", "shorter-than-kernel", "bf16-no-init", "fp16-width-2", "width-1"],
 )
 def test_causal_conv1d_tiny(short_chunks, batch, channels, length, width, dtype, options):
-    check_conv(batch, channels, length, width, dtype, **options)
+    check_conv(batch, channels, length, width, dtype, **options, **short_chunks[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -165,7 +179,7 @@ def test_decode_steps_tiny(dtype):
     check_decode(3, 10, 5, 4, dtype)
 
 
-def test_custom_ops_pass_opcheck(short_chunks):
+def test_custom_ops_pass_opcheck():
     """Schemas, fake implementations and autograd registrations agree with the real kernels."""
     generator = torch.Generator().manual_seed(0)
 
@@ -176,13 +190,13 @@ def test_custom_ops_pass_opcheck(short_chunks):
     A, B, C = -torch.rand(3, 2, generator=generator).to(DEVICE), rand(1, 2, 9), rand(1, 2, 9)
     seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]], device=DEVICE)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
-    scan_args = (u, delta, A, B, C, rand(3), z, rand(3), rand(1, 3, 2), seq_idx, True)
-    torch.library.opcheck(triton_ssm._selective_scan_fwd_op, scan_args, test_utils=tests)
-    conv_args = (u, rand(3, 4), rand(3), rand(1, 3, 3), seq_idx, True)
-    torch.library.opcheck(triton_conv._causal_conv1d_fwd_op, conv_args, test_utils=tests)
+    scan_args = (u, delta, A, B, C, rand(3), z, rand(3), rand(1, 3, 2), seq_idx, True, 8, 4, 4)  # two chunks
+    torch.library.opcheck(mamba_scan_triton._selective_scan_fwd, scan_args, test_utils=tests)
+    conv_args = (u, rand(3, 4), rand(3), rand(1, 3, 3), seq_idx, True, *ConvTiles(block_l=8))
+    torch.library.opcheck(mamba_conv_triton._causal_conv1d_fwd, conv_args, test_utils=tests)
     step_args = (rand(2, 3, 2), rand(2, 3), rand(2, 3), A, rand(2, 2), rand(2, 2), rand(3), rand(2, 3), rand(3), True)
-    torch.library.opcheck(triton_ssm._selective_state_update_op, step_args, test_utils=tests[:2])
-    torch.library.opcheck(triton_conv._causal_conv1d_update_op, (rand(2, 3), rand(2, 3, 3), rand(3, 4), rand(3), True),
+    torch.library.opcheck(mamba_scan_triton._selective_state_update, step_args, test_utils=tests[:2])
+    torch.library.opcheck(mamba_conv_triton._causal_conv1d_update, (rand(2, 3), rand(2, 3, 3), rand(3, 4), rand(3), True),
                           test_utils=tests[:2])
 
 
@@ -190,11 +204,11 @@ def test_inputs_are_checked():
     u = torch.zeros(1, 3, 4, device=DEVICE)
     A = torch.zeros(3, 2, device=DEVICE)
     with pytest.raises(ValueError, match="B has shape"):
-        triton_ssm.selective_scan_triton(u, u, A, u, u)
+        selective_scan_triton(u, u, A, u, u)
     with pytest.raises(TypeError, match="kernel_backend='torch'"):
-        triton_ssm.selective_scan_triton(u.double(), u, A, torch.zeros(1, 2, 4, device=DEVICE), torch.zeros(1, 2, 4, device=DEVICE))
+        selective_scan_triton(u.double(), u, A, torch.zeros(1, 2, 4, device=DEVICE), torch.zeros(1, 2, 4, device=DEVICE))
     with pytest.raises(ValueError, match="activation"):
-        triton_conv.causal_conv1d_triton(u, torch.zeros(3, 4, device=DEVICE), activation="gelu")
+        causal_conv1d_triton(u, torch.zeros(3, 4, device=DEVICE), activation="gelu")
 
 
 # ----------------------------------------------------------------------------- GPU: real sizes

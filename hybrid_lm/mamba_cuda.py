@@ -4,9 +4,10 @@ Shape legend: B = batch, D = channels, L = length, N = d_state, K = conv width.
 
 mamba-ssm 2.3's package `__init__` imports modules (and packages) that a plain training machine may lack,
 so the scan is called through its compiled extension `selective_scan_cuda` directly, with our own
-autograd wrapper; causal-conv1d is imported normally. Neither supports everything the reference does:
-`mamba_ops` routes calls that need an initial state, `seq_idx` or a differentiable final state to the
-Triton tier (see `scan_supports` / `conv_supports`).
+autograd wrapper; causal-conv1d is imported normally. Neither supports everything the reference does
+(mamba_scan_ref.py, mamba_conv_ref.py: the contract): `mamba_kernels.CudaKernels` routes calls that need an
+initial state, `seq_idx` or a differentiable final state to the Triton tier (see `scan_supports` /
+`conv_supports`). mamba-ssm's decoding step is itself a Triton kernel, so this tier decodes with ours.
 """
 
 import torch

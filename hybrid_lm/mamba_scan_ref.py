@@ -1,4 +1,7 @@
-"""Selective state-space scan (Mamba-1): the pure-PyTorch reference tier.
+"""Selective state-space scan (Mamba-1): the op's contract and its pure-PyTorch reference (the `torch` tier).
+
+The Triton tier (mamba_scan_triton.py) and mamba-ssm's kernel (mamba_cuda.py) compute the same op; this
+docstring is theirs too.
 
 Shape legend: B = batch, D = channels (d_inner), L = length, N = d_state, T = chunk length.
 Glossary (Mamba paper, Section 3): `u` is the input x, `delta` is the step size Delta, `A` the

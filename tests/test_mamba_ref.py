@@ -1,10 +1,11 @@
-"""The pure-PyTorch Mamba ops against naive sequential float64 oracles: values and every gradient."""
+"""The pure-PyTorch Mamba ops (mamba_scan_ref.py, mamba_conv_ref.py) against naive sequential float64 oracles: values
+and every gradient."""
 
 import pytest
 import torch
 
-from hybrid_lm.conv_ops import causal_conv1d_ref, causal_conv1d_update_ref
-from hybrid_lm.ssm_ops import selective_scan_ref, selective_state_update_ref
+from hybrid_lm.mamba_conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
+from hybrid_lm.mamba_scan_ref import selective_scan_ref, selective_state_update_ref
 from oracles import causal_conv1d_sequential, selective_scan_sequential
 
 

@@ -1,4 +1,7 @@
-"""Causal depthwise conv1d of the Mamba mixer: the pure-PyTorch reference tier.
+"""Causal depthwise conv1d of the Mamba mixer: the op's contract and its pure-PyTorch reference (the `torch` tier).
+
+The Triton tier (mamba_conv_triton.py) and causal-conv1d's kernels (mamba_cuda.py) compute the same op; this
+docstring is theirs too.
 
 Shape legend: B = batch, D = channels, L = length, K = kernel width.
 
@@ -15,7 +18,8 @@ import torch.nn.functional as F
 _ACTIVATIONS = {None: lambda x: x, "silu": F.silu, "swish": F.silu}
 
 
-def _activation(name: str | None):
+def activation_fn(name: str | None):
+    """The activation `name` (None, "silu" or "swish") as a function; ValueError for any other name."""
     if name not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(k for k in _ACTIVATIONS if k)} or None, got {name!r}")
     return _ACTIVATIONS[name]
@@ -39,7 +43,7 @@ def causal_conv1d_ref(
         out (B, D, L) in x's dtype and, with `return_final_state`, the last K - 1 inputs
         (B, D, K - 1), zeroed where they belong to an earlier document than the last one.
     """
-    act = _activation(activation)
+    act = activation_fn(activation)
     batch, channels, length = x.shape
     width = weight.shape[1]
     if initial_state is None:
@@ -81,7 +85,7 @@ def causal_conv1d_update_ref(
     Returns:
         out: (B, D) in x's dtype.
     """
-    act = _activation(activation)
+    act = activation_fn(activation)
     window = torch.cat([conv_state.to(x.dtype), x[..., None]], dim=-1)  # (B, D, K)
     conv_state.copy_(window[..., 1:])
     out = (window * weight.to(x.dtype)).sum(-1)
