@@ -1,9 +1,10 @@
 """Helpers shared by the files that define torch.library custom ops (the Mamba Triton kernels, the experts' grouped
-product): the op namespace, the dtypes the Triton kernels take, and the `@triton.heuristics` of optional inputs.
+product): the op namespace, the devices and dtypes the Triton kernels take, and the `@triton.heuristics` of optional inputs.
 
 No import of triton here: experts_ops.py and the `torch` tier import this file on machines without it.
 """
 
+import os
 import re
 
 import torch
@@ -18,6 +19,12 @@ def op_namespace(module_name: str) -> str:
     if package == "hybrid_lm":
         return "hybrid_lm"
     return "hybrid_lm_" + re.sub(r"\W", "_", package)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels run on tensors of `device`: CUDA ones, or CPU ones in Triton's interpreter
+    (TRITON_INTERPRET=1, which the tests set; triton reads it when imported)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def has_triton_dtypes(*tensors: torch.Tensor | None) -> bool:

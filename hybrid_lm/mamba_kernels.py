@@ -22,13 +22,11 @@ run on the device. Inside torch.compile tracing no self-check runs (it would lau
 run one eager step first.
 """
 
-import os
-
 import torch
 from transformers.utils import logging
 
 from .configuration_hybrid_lm import check_kernel_backend
-from .custom_ops import has_triton_dtypes
+from .custom_ops import has_triton_dtypes, triton_runs_on
 from .mamba_conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
 from .mamba_scan_ref import selective_scan_ref, selective_state_update_ref
 
@@ -125,7 +123,7 @@ class TritonKernels(MambaKernels):
 
     @classmethod
     def runs_on(cls, device: torch.device) -> bool:
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return triton_runs_on(device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scan_tiles={self.scan_tiles}, conv_tiles={self.conv_tiles})"

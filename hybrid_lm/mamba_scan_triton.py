@@ -77,8 +77,14 @@ def _program_rows(D_ptr, bias_ptr, channels, length, HAS_D: tl.constexpr, HAS_BI
     offs_j = tl.arange(0, BLOCK_T)
     mask_d = offs_d < channels
     rows = batch * channels * length + offs_d.to(tl.int64) * length
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else None
+    # zeros, not None, for an absent input: Triton's compiler (unlike its interpreter) rejects a None from `x if
+    # FLAG else None` inside a called function; the kernels read them only under their flags
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     return batch, offs_d, offs_j, mask_d, rows, bias, skip
 
 

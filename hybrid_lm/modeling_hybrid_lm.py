@@ -78,23 +78,24 @@ class HybridLMRMSNorm(nn.Module):
     """RMSNorm computed in float32, scaled in the input dtype (as Llama and Jamba do), optionally of a sum with the
     residual stream. One fused Triton kernel on GPUs (`rms_norm_ops`), the same values as Llama's eager formula.
 
-    use_kernel: False (`config.kernel_backend == "torch"`) keeps the pure-PyTorch formula on every device.
+    kernel_backend: the model's `config.kernel_backend` (kept in step by `set_kernel_backend`); "torch" keeps the
+    pure-PyTorch formula on every device, see `rms_norm_ops.rms_norm` for the others.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, use_kernel: bool = True):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, kernel_backend: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
-        self.use_kernel = use_kernel
+        self.kernel_backend = kernel_backend
 
     @classmethod
     def from_config(cls, config: HybridLMConfig, hidden_size: int) -> "HybridLMRMSNorm":
-        """A norm of `hidden_size` with the config's eps, on the kernel unless `kernel_backend="torch"`."""
-        return cls(hidden_size, eps=config.rms_norm_eps, use_kernel=config.kernel_backend != "torch")
+        """A norm of `hidden_size` with the config's eps and kernel backend."""
+        return cls(hidden_size, eps=config.rms_norm_eps, kernel_backend=config.kernel_backend)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
         """(..., H) -> (..., H). With `residual` (..., H): (norm(hidden_states + residual), hidden_states + residual)."""
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual, use_kernel=self.use_kernel)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual, backend=self.kernel_backend)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -582,8 +583,9 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def set_kernel_backend(self, backend: "str | MambaKernels") -> None:
-        """Runs every Mamba mixer on the kernel tier `backend` from now on, and records its name in
-        `config.kernel_backend`, which save_pretrained writes (a loaded model chooses the same way).
+        """Runs every Mamba mixer on the kernel tier `backend` from now on (and the norms by its name: the fused
+        RMSNorm unless "torch"), and records its name in `config.kernel_backend`, which save_pretrained writes (a
+        loaded model chooses the same way).
 
         `backend` is a name ("auto", "torch", "triton", "cuda"), chosen for each mixer's device as at its first
         forward, or a tier instance (e.g. `mamba_kernels.TritonKernels(scan_tiles=...)`), bound as it is. The
@@ -598,6 +600,9 @@ class HybridLMPreTrainedModel(PreTrainedModel):
         for mixer in mixers:
             device = mixer.A_log.device
             mixer.kernels, mixer.kernels_device = chosen.get(device), (device if device in chosen else None)
+        for norm in self.modules():
+            if isinstance(norm, HybridLMRMSNorm):
+                norm.kernel_backend = name
         self.config.kernel_backend = name
 
     def push_to_hub(self, repo_id: str, **kwargs):

@@ -12,9 +12,9 @@ per-row float32 rstd and its input for the backward, and rounds exactly where th
 PyTorch the same norm is about seven kernels forward, with float32 intermediates saved for the backward.
 """
 
-import os
-
 import torch
+
+from .custom_ops import TRITON_DTYPES, triton_runs_on
 
 try:  # transformers' remote-code loader skips imports inside try blocks; without triton the reference runs
     from .triton_rms_norm import MAX_HIDDEN, rms_norm_triton
@@ -26,9 +26,6 @@ try:  # tensor-parallel parameters are DTensors: the reference handles them
 except ImportError:  # a torch built without distributed support has none
     DTensor = ()
 
-# Triton's CPU interpreter (tests) runs the kernels on CPU tensors; it reads the variable when triton is imported.
-_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
@@ -52,34 +49,35 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, resid
     return weight * h.to(input_dtype)
 
 
-def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether the Triton tier computes this call: CUDA tensors (CPU ones in the interpreter), float32 / bfloat16 /
+def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, backend: str) -> bool:
+    """Whether the Triton tier computes this call for `config.kernel_backend` = `backend`: CUDA tensors unless
+    "torch" (CPU ones in Triton's interpreter only for "triton", as for the Mamba ops), float32 / bfloat16 /
     float16, a (H,) weight, a residual of x's shape, 0 < H <= MAX_HIDDEN, no DTensor. Decided from types and shapes
     only (no device values), so the choice is the same in eager mode, under torch.compile and in CUDA graphs."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
-    device = x.device.type
+    device = x.device
     return (
         rms_norm_triton is not None
-        and (device == "cuda" or (device == "cpu" and _INTERPRETER))
-        and all(t.device == x.device and t.dtype in _KERNEL_DTYPES and not isinstance(t, DTensor) for t in tensors)
+        and (backend != "torch" if device.type == "cuda" else backend == "triton" and triton_runs_on(device))
+        and all(t.device == device and t.dtype in TRITON_DTYPES and not isinstance(t, DTensor) for t in tensors)
         and weight.dim() == 1 and x.dim() >= 1 and 0 < x.shape[-1] == weight.shape[0] <= MAX_HIDDEN
         and (residual is None or residual.shape == x.shape)
     )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
-             use_kernel: bool = True):
+             backend: str = "auto"):
     """`rms_norm_ref`'s contract (same args, returns, dtypes and rounding), on the Triton kernels where they apply.
 
-    use_kernel: False keeps pure PyTorch (what `kernel_backend="torch"` asks for). Otherwise the kernels run when
-    `_kernel_takes` says so and no gradient is recorded (inference, decoding), the reference in every other case
-    (CPU, meta, float64, mismatched shapes, training). Training keeps the reference because the Triton backward
+    backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. The kernels run when `_kernel_takes`
+    says so and no gradient is recorded (inference, decoding), the reference in every other case (CPU, meta,
+    float64, mismatched shapes, training). Training keeps the reference because the Triton backward
     does not pay yet: on an H200 at 8192 x 1024 bf16 with a residual, forward + backward took 1.11 ms against the
     eager formula's 0.80 ms (benchmarks/RESULTS.md, "Fused RMSNorm"), while the forward alone is 7-9x faster.
     Differentiable in x, weight and residual either way (`rms_norm_triton` itself is, for its tests).
     """
     records_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, residual))
-    if use_kernel and not records_grad and _kernel_takes(x, weight, residual):
+    if not records_grad and _kernel_takes(x, weight, residual, backend):
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

@@ -18,6 +18,7 @@ from hybrid_lm.mamba_conv_ref import causal_conv1d_ref
 from hybrid_lm.mamba_kernels import CudaKernels, MambaKernels, TritonKernels
 from hybrid_lm.mamba_scan_ref import selective_scan_ref
 from hybrid_lm.mamba_scan_triton import ScanTiles
+from hybrid_lm.modeling_hybrid_lm import HybridLMRMSNorm
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PACKAGE = os.path.dirname(mamba_kernels.__file__)
@@ -232,8 +233,12 @@ def mixers(model):
     return [layer.mamba for layer in model.model.layers if hasattr(layer, "mamba")]
 
 
+def norm_backends(model):
+    return {module.kernel_backend for module in model.modules() if isinstance(module, HybridLMRMSNorm)}
+
+
 def test_set_kernel_backend_switches_torch_and_triton():
-    """Each switch rebinds every mixer and the config; the logits agree across the switches."""
+    """Each switch rebinds every mixer, every norm and the config; the logits agree across the switches."""
     torch.manual_seed(0)
     model = HybridLMForCausalLM(tiny_config("torch")).to(DEVICE).eval()
     ids = torch.randint(0, 64, (2, 13), device=DEVICE)
@@ -242,11 +247,13 @@ def test_set_kernel_backend_switches_torch_and_triton():
     model.set_kernel_backend("triton")
     assert model.config.kernel_backend == "triton"
     assert all(type(mixer.kernels) is TritonKernels for mixer in mixers(model))
+    assert norm_backends(model) == {"triton"}
     triton_logits = model(ids).logits
     assert (triton_logits - expected).norm() / expected.norm() < 1e-5
     model.set_kernel_backend("torch")
     assert model.config.kernel_backend == "torch"
     assert all(type(mixer.kernels) is MambaKernels for mixer in mixers(model))
+    assert norm_backends(model) == {"torch"}
     torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
 
 

@@ -112,8 +112,8 @@ def test_frozen_weight_gets_no_gradient():
 
 
 def test_dispatch(monkeypatch):
-    """The kernel for float CUDA tensors (CPU ones in the interpreter) unless use_kernel=False; the reference for
-    anything else, with the reference's results."""
+    """The kernel for float CUDA tensors unless backend="torch" (CPU ones in the interpreter for backend="triton"
+    only, as for the Mamba ops); the reference for anything else, with the reference's results."""
     calls = []
 
     def spy(*args):
@@ -121,22 +121,25 @@ def test_dispatch(monkeypatch):
         return triton_rms_norm.rms_norm_triton(*args)
 
     monkeypatch.setattr(rms_norm_ops, "rms_norm_triton", spy)
-    monkeypatch.setattr(rms_norm_ops, "_INTERPRETER", True)
     x, weight = torch.randn(3, 8, device=DEVICE), torch.ones(8, device=DEVICE)
-    rms_norm(x, weight, EPS)
+    rms_norm(x, weight, EPS, backend="triton")
     assert calls == [torch.float32]
-    assert torch.equal(rms_norm(x, weight, EPS, use_kernel=False), rms_norm_ref(x, weight, EPS))
+    assert torch.equal(rms_norm(x, weight, EPS, backend="torch"), rms_norm_ref(x, weight, EPS))
+    rms_norm(x, weight, EPS, backend="auto")
+    assert len(calls) == (2 if DEVICE == "cuda" else 1), "on CPU, 'auto' means the reference (the interpreter is slow)"
+    calls.clear()
     for args in [
         (x.double(), weight.double()),  # float64
         (x.to("meta"), weight.to("meta")),  # meta device (accelerate's offload, init_empty_weights)
         (x, weight, x[:1]),  # a broadcast residual
         (torch.randn(2, 3, device=DEVICE), torch.ones(1, 3, device=DEVICE)),  # a weight that is not (H,)
     ]:
-        result = rms_norm(x=args[0], weight=args[1], eps=EPS, residual=args[2] if len(args) > 2 else None)
+        result = rms_norm(x=args[0], weight=args[1], eps=EPS, residual=args[2] if len(args) > 2 else None,
+                          backend="triton")
         expected = rms_norm_ref(args[0], args[1], EPS, args[2] if len(args) > 2 else None)
         for out, ref in zip(*[(r,) if isinstance(r, torch.Tensor) else r for r in (result, expected)]):
             assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
-    assert len(calls) == 1
+    assert calls == []
     with pytest.raises(ValueError, match="residual has shape"):
         triton_rms_norm.rms_norm_triton(x, weight, EPS, x[:1])
     with pytest.raises(TypeError, match="kernel_backend='torch'"):
@@ -162,9 +165,9 @@ def test_custom_op_passes_opcheck(small_tiles, residual):
 class _NormBlock(torch.nn.Module):
     """A residual add and a norm, as in the decoder layer."""
 
-    def __init__(self, use_kernel):
+    def __init__(self, kernel_backend):
         super().__init__()
-        self.norm = HybridLMRMSNorm(16, eps=EPS, use_kernel=use_kernel)
+        self.norm = HybridLMRMSNorm(16, eps=EPS, kernel_backend=kernel_backend)
         self.norm.weight.data.uniform_(0.5, 1.5)
 
     def forward(self, x, residual):
@@ -172,12 +175,12 @@ class _NormBlock(torch.nn.Module):
         return normed * 2 + total
 
 
-@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
-def test_compiles_with_fullgraph(use_kernel):
+@pytest.mark.parametrize("kernel_backend", ["triton", "torch"])
+def test_compiles_with_fullgraph(kernel_backend):
     """torch.compile traces through the norm without a graph break: the custom op where the kernel runs (CUDA, or the
     interpreter here, without gradients), the reference's ops otherwise; forward and backward give the eager values."""
     torch.manual_seed(0)
-    block = _NormBlock(use_kernel).to(DEVICE)
+    block = _NormBlock(kernel_backend).to(DEVICE)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -202,17 +205,16 @@ def test_compiles_with_fullgraph(use_kernel):
         out = compiled(x.detach(), residual)
         torch.testing.assert_close(out, block(x.detach(), residual))
     uses_op = any("rms_norm_fwd" in graph for graph in graphs)
-    assert uses_op == (use_kernel and rms_norm_ops._kernel_takes(x, block.norm.weight, residual))
+    assert uses_op == (kernel_backend == "triton")
 
 
 # ----------------------------------------------------------------------------- in the model
 
 
 def model_pair(dtype, **overrides):
-    """The same random tiny model with fused norms (kernel_backend="auto") and with kernel_backend="torch". On CPU the
-    Mamba ops run on the torch tier in both, so only the norms differ."""
+    """The same random tiny model with fused norms (kernel_backend="triton") and with kernel_backend="torch"."""
     torch.manual_seed(0)
-    fused = HybridLMForCausalLM(tiny_config(kernel_backend="auto", **overrides)).to(DEVICE, dtype)
+    fused = HybridLMForCausalLM(tiny_config(kernel_backend="triton", **overrides)).to(DEVICE, dtype)
     plain = HybridLMForCausalLM(tiny_config(kernel_backend="torch", **overrides)).to(DEVICE, dtype)
     plain.load_state_dict(fused.state_dict())
     return fused, plain

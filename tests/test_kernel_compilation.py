@@ -1,0 +1,89 @@
+"""Every Triton kernel compiles for a GPU (sm_90), on this CPU-only machine, in every variant its flags select.
+
+Triton's interpreter, which runs the kernel tests in CI, executes the Python of a kernel and so accepts code that
+Triton's compiler rejects (a `None` out of a called `@triton.jit` function broke the scan on the H200 once). The
+compiler itself needs no GPU: this test compiles each kernel to a cubin for `GPUTarget("cuda", 90, 32)` with the
+variants a launcher can ask for: every boolean constexpr on, then each one off in turn (its tensor absent where it
+has one). It runs in a subprocess because the interpreter, which conftest switches on, replaces the compiler.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+KERNEL_MODULES = ("hybrid_lm.mamba_scan_triton", "hybrid_lm.mamba_conv_triton", "hybrid_lm.triton_rms_norm")
+# a flag's optional tensor: off means None is passed for it
+OPTIONAL_TENSOR = {"HAS_D": "D_ptr", "HAS_Z": "z_ptr", "HAS_BIAS": "bias_ptr", "HAS_SEQ": "seq_ptr",
+                   "HAS_INIT": "init_ptr", "HAS_DFINAL": "dfinal_ptr", "HAS_RESIDUAL": "res_ptr",
+                   "HAS_DSUM": "dsum_ptr"}
+# tile constexprs, in the ranges the launchers use
+TILES = {"BLOCK_D": 16, "BLOCK_T": 64, "BLOCK_L": 128, "BLOCK_K": 4, "BLOCK_N": 16, "BLOCK_M": 4, "BLOCK_H": 1024,
+         "WIDTH": 4}
+FLOAT32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "states_ptr", "adjoint_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
+                    "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr"}
+
+
+def _variants(fn):
+    """(constexpr values) of every flag on, then each flag off."""
+    flags = [name for name in fn.arg_names if re.fullmatch(r"[A-Z_]+", name) and name not in TILES]
+    yield {**dict.fromkeys(flags, True)}
+    for flag in flags:
+        yield {**dict.fromkeys(flags, True), flag: False}
+
+
+def compile_all(module_name: str) -> list[str]:
+    """Compiles every `*_kernel` of the module in every variant; returns one line per failure."""
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(module_name)
+    failures = []
+    for name in sorted(n for n in dir(module) if n.endswith("_kernel")):
+        fn = getattr(module, name)
+        while not isinstance(fn, triton.runtime.jit.JITFunction):  # under @triton.heuristics / autotune
+            fn = fn.fn
+        for flags in _variants(fn):
+            constants = {**flags, **{k: v for k, v in TILES.items() if k in fn.arg_names}}
+            for flag, value in flags.items():
+                if not value and OPTIONAL_TENSOR.get(flag) in fn.arg_names:
+                    constants[OPTIONAL_TENSOR[flag]] = None
+            signature = {}
+            for arg in fn.arg_names:
+                if arg in constants:
+                    signature[arg] = "constexpr"
+                elif arg.endswith("_ptr"):
+                    signature[arg] = "*i64" if arg == "seq_ptr" else "*fp32" if arg in FLOAT32_POINTERS else "*bf16"
+                else:
+                    signature[arg] = "i32"
+            try:
+                triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
+            except Exception as error:  # report every failing variant, not the first
+                cause = error
+                while (cause.__cause__ or cause.__context__) is not None:
+                    cause = cause.__cause__ or cause.__context__
+                off = [flag for flag, value in flags.items() if not value]
+                failures.append(f"{module_name}.{name} (off: {off or 'none'}): {type(error).__name__} "
+                                f"{str(error).splitlines()[0]} ... {type(cause).__name__}: {cause}")
+    return failures
+
+
+@pytest.mark.parametrize("module_name", KERNEL_MODULES)
+def test_kernels_compile_for_sm90(module_name, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
+    result = subprocess.run([sys.executable, __file__, module_name], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, f"compilation failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+
+
+if __name__ == "__main__":
+    problems = compile_all(sys.argv[1])
+    print("\n".join(problems))
+    sys.exit(1 if problems else 0)
