@@ -3,11 +3,12 @@ JambaForCausalLM with the mamba-ssm / causal-conv1d kernels, and hybrid_lm per k
 the same config, weights and batch.
 
     python benchmarks/gpu_train_step.py [--config bench|1.3b] [--engines jamba triton cuda triton+compile ...]
-                                        [--batch 4] [--length 2048] [--repeats 5]
+                                        [--batch 4] [--length 2048] [--repeats 5] [--profile]
 
 Engines: `jamba` (transformers' model, its mamba-ssm path when the kernels import), `torch` / `triton` / `cuda`
 (hybrid_lm's `kernel_backend`), each with `+compile` for `torch.compile(model)`. Per engine: ms per step, tokens/s,
-peak memory, MFU (model FLOPs per step / step time / the bf16 peak of the GPU) and the ratio to the first engine.
+peak memory, MFU (model FLOPs per step / step time / the bf16 peak of the GPU) and the ratio to the first engine;
+`--profile` adds, per engine, the GPU kernels that took most of one step (torch.profiler).
 
 Model FLOPs (PaLM's convention, counted from the config, the same for every engine): 6 x the active parameters a
 token goes through (embedding lookup excluded, lm_head included) per token, plus 6 x 2 x the causal attention
@@ -66,6 +67,15 @@ def step_seconds(model, optimizer, input_ids) -> float:
     return time.perf_counter() - start
 
 
+def profile_step(model, optimizer, input_ids, rows: int = 12) -> str:
+    """The `rows` kernels with the most GPU time in one step, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_seconds(model, optimizer, input_ids)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+
+
 def build(engine: str, config: dict, state: dict):
     backend, _, compiled = engine.partition("+")
     model = HybridLMForCausalLM(HybridLMConfig(**config, kernel_backend="triton" if backend == "jamba" else backend))
@@ -84,6 +94,7 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="print each engine's top GPU kernels of one step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -111,6 +122,7 @@ def main():
                 step_seconds(model, optimizer, input_ids)  # warm-up: kernel compilation, allocator
             torch.cuda.reset_peak_memory_stats()
             seconds = statistics.median(step_seconds(model, optimizer, input_ids) for _ in range(args.repeats))
+            table = profile_step(model, optimizer, input_ids) if args.profile else ""
         except Exception as error:  # report the engine that could not run, and go on with the others
             print(f"{engine:>15}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue
@@ -121,6 +133,8 @@ def main():
         mfu = f"MFU {flops / seconds / peak_flops:5.1%}" if peak_flops else ""
         print(f"{engine:>15}: {seconds * 1000:8.1f} ms/step  {tokens / seconds:9.0f} tokens/s  peak {peak:5.1f} GiB  "
               f"{mfu}  ({first[1] / seconds:.2f}x the speed of {first[0]})", flush=True)
+        if table:
+            print(table, flush=True)
         torch.cuda.empty_cache()
 
 

@@ -402,6 +402,9 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None,
         )
     if seq_idx is not None and tuple(seq_idx.shape) != (batch, length):
         raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(batch, length)}")
+    # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again
+    x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
+                                         for t in (x, weight, initial_state, seq_idx))
     out, final_state = _causal_conv1d_fwd(
         x, weight, bias, initial_state, seq_idx, activation is not None, *(tiles or ConvTiles())
     )

@@ -559,6 +559,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         raise TypeError(f"seq_idx must hold integer document ids, got {seq_idx.dtype}")
 
     chunk, block_d, block_d_backward = tiles or scan_tiles(length)
+    # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again
+    u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
     out, final_state, _ = _selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
         chunk, block_d, block_d_backward,
