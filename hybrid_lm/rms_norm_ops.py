@@ -69,15 +69,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
              backend: str = "auto"):
     """`rms_norm_ref`'s contract (same args, returns, dtypes and rounding), on the Triton kernels where they apply.
 
-    backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. The kernels run when `_kernel_takes`
-    says so and no gradient is recorded (inference, decoding), the reference in every other case (CPU, meta,
-    float64, mismatched shapes, training). Training keeps the reference because the Triton backward
-    does not pay yet: on an H200 at 8192 x 1024 bf16 with a residual, forward + backward took 1.11 ms against the
-    eager formula's 0.80 ms (benchmarks/RESULTS.md, "Fused RMSNorm"), while the forward alone is 7-9x faster.
-    Differentiable in x, weight and residual either way (`rms_norm_triton` itself is, for its tests).
+    backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. The kernels run (forward and
+    backward) when `_kernel_takes` says so, the reference in every other case (CPU, meta, float64, mismatched
+    shapes). Differentiable in x, weight and residual either way.
     """
-    records_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, residual))
-    if not records_grad and _kernel_takes(x, weight, residual, backend):
+    if _kernel_takes(x, weight, residual, backend):
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
