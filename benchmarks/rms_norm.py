@@ -3,11 +3,13 @@
     python benchmarks/rms_norm.py [--shapes 8192x1024,16384x4096] [--dtype bfloat16] [--reps 100] [--no-flush]
 
 For each (rows, hidden) shape, without and with the residual add: forward, and forward + backward (gradients of x,
-weight and residual). Each time is the median over `--reps` runs timed with CUDA events after a warm-up, the L2
-cache flushed before each run unless `--no-flush`. GB/s counts the bytes the fused kernels must move (each (M, H)
-input read once, each output written once; weight and rstd left out) for every implementation, so the column
-compares speed on one scale; `x ref` is the reference's time over this one's. Needs CUDA and triton; refuses
-otherwise.
+weight and residual). `ms` is the median over `--reps` runs timed with CUDA events after a warm-up, the L2 cache
+flushed before each run unless `--no-flush`: a wall time, which includes the host's launch time wherever the GPU
+waits for it (autograd and dispatch; at small shapes that is most of it). `GPU ms` is the kernels' own time, the
+mean of `--reps` runs from torch.profiler: what the op costs inside a step whose host runs ahead. GB/s (of `GPU ms`)
+counts the bytes the fused kernels must move (each (M, H) input read once, each output written once; weight and
+rstd left out) for every implementation, so the column compares speed on one scale; `x ref` is the reference's
+`GPU ms` over this one's. Needs CUDA and triton; refuses otherwise.
 """
 
 import argparse
@@ -40,6 +42,19 @@ def time_ms(fn, reps: int, warmup: int = 10, flush: bool = True) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
+
+
+def gpu_ms(fn, reps: int) -> float:
+    """Mean milliseconds of GPU kernel time of `fn()` over `reps` runs (torch.profiler), host time left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / reps / 1000
 
 
 def _inputs(rows: int, hidden: int, dtype: torch.dtype, residual: bool):
@@ -87,7 +102,8 @@ def benchmark_rms_norm(shapes=DEFAULT_SHAPES, dtype=torch.bfloat16, reps: int = 
     element = torch.empty((), dtype=dtype).element_size()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}, median of {reps} runs, "
           f"L2 {'flushed' if flush else 'warm'}")
-    print(f"{'shape':>12} {'residual':>8} {'pass':>9} {'implementation':>26} {'ms':>9} {'GB/s':>8} {'x ref':>6}")
+    print(f"{'shape':>12} {'residual':>8} {'pass':>9} {'implementation':>26} {'ms':>9} {'GPU ms':>9} {'GB/s':>8} "
+          f"{'x ref':>6}")
     results = []
     for rows, hidden in shapes:
         for residual in (False, True):
@@ -104,12 +120,14 @@ def benchmark_rms_norm(shapes=DEFAULT_SHAPES, dtype=torch.bfloat16, reps: int = 
                         got = forward()
                         for a, b in zip(*[(t,) if isinstance(t, torch.Tensor) else t for t in (got, expected)]):
                             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # a broken kernel is not timed
-                    ms = time_ms(forward if pass_name == "forward" else forward_backward, reps, flush=flush)
-                    reference_ms = reference_ms or ms
+                    step = forward if pass_name == "forward" else forward_backward
+                    ms, kernel_ms = time_ms(step, reps, flush=flush), gpu_ms(step, reps)
+                    reference_ms = reference_ms or kernel_ms
                     row = {"shape": f"{rows}x{hidden}", "residual": residual, "pass": pass_name, "implementation": name,
-                           "ms": ms, "gbps": bytes_moved / ms / 1e6, "speedup": reference_ms / ms}
+                           "ms": ms, "gpu_ms": kernel_ms, "gbps": bytes_moved / kernel_ms / 1e6,
+                           "speedup": reference_ms / kernel_ms}
                     results.append(row)
-                    print(f"{row['shape']:>12} {residual!s:>8} {pass_name:>9} {name:>26} {ms:9.4f} "
+                    print(f"{row['shape']:>12} {residual!s:>8} {pass_name:>9} {name:>26} {ms:9.4f} {kernel_ms:9.4f} "
                           f"{row['gbps']:8.0f} {row['speedup']:6.2f}", flush=True)
     return results
 
