@@ -6,8 +6,8 @@ For each (rows, hidden) shape, without and with the residual add: forward, and f
 weight and residual). `ms` is the median over `--reps` runs timed with CUDA events after a warm-up, the L2 cache
 flushed before each run unless `--no-flush`: a wall time, which includes the host's launch time wherever the GPU
 waits for it (autograd and dispatch; at small shapes that is most of it). `GPU ms` is the kernels' own time, the
-mean of `--reps` runs from torch.profiler: what the op costs inside a step whose host runs ahead. GB/s (of `GPU ms`)
-counts the bytes the fused kernels must move (each (M, H) input read once, each output written once; weight and
+mean of `--reps` back-to-back runs from torch.profiler (L2 warm): what the op costs inside a step whose host runs
+ahead. GB/s (of `GPU ms`) counts the bytes the fused kernels must move (each (M, H) input read once, each output written once; weight and
 rstd left out) for every implementation, so the column compares speed on one scale; `x ref` is the reference's
 `GPU ms` over this one's. Needs CUDA and triton; refuses otherwise.
 """
