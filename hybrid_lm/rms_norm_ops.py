@@ -69,10 +69,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
              backend: str = "auto"):
     """`rms_norm_ref`'s contract (same args, returns, dtypes and rounding), on the Triton kernels where they apply.
 
-    backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. The kernels run (forward and
-    backward) when `_kernel_takes` says so, the reference in every other case (CPU, meta, float64, mismatched
-    shapes). Differentiable in x, weight and residual either way.
+    backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. The kernels run when `_kernel_takes`
+    says so and no gradient is recorded (inference, decoding), the reference in every other case (CPU, meta,
+    float64, mismatched shapes, training).
+
+    Why not in training: on an H200 the kernels' forward + backward take 6x less GPU time than the eager formula
+    (62 against 396 us at 8192 x 1024 bf16 with a residual), but in one run of the bench config's train step they
+    made the default (triton) tier 10-12 ms slower while the cuda tier gained 5-6 ms (benchmarks/RESULTS.md,
+    "Fused RMSNorm"): the triton tier's eager step is bound by host time, and each norm through the custom op and
+    Triton's launcher costs the host more than the eager formula's launches. Differentiable in x, weight and
+    residual either way (`rms_norm_triton` itself is, for its tests).
     """
-    if _kernel_takes(x, weight, residual, backend):
+    records_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, residual))
+    if not records_grad and _kernel_takes(x, weight, residual, backend):
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
