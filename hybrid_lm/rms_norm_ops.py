@@ -14,7 +14,7 @@ PyTorch the same norm is about seven kernels forward, with float32 intermediates
 
 import torch
 
-from .custom_ops import TRITON_DTYPES, triton_runs_on
+from .custom_ops import has_triton_dtypes, triton_runs_on
 
 try:  # transformers' remote-code loader skips imports inside try blocks; without triton the reference runs
     from .triton_rms_norm import MAX_HIDDEN, rms_norm_triton
@@ -25,7 +25,6 @@ try:  # tensor-parallel parameters are DTensors: the reference handles them
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support has none
     DTensor = ()
-
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
@@ -59,7 +58,8 @@ def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
     return (
         rms_norm_triton is not None
         and (backend != "torch" if device.type == "cuda" else backend == "triton" and triton_runs_on(device))
-        and all(t.device == device and t.dtype in TRITON_DTYPES and not isinstance(t, DTensor) for t in tensors)
+        and has_triton_dtypes(*tensors)
+        and all(t.device == device and not isinstance(t, DTensor) for t in tensors)
         and weight.dim() == 1 and x.dim() >= 1 and 0 < x.shape[-1] == weight.shape[0] <= MAX_HIDDEN
         and (residual is None or residual.shape == x.shape)
     )
