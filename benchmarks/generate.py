@@ -95,6 +95,23 @@ def hybrid_generate(model, cache_implementation=None):
     return generate
 
 
+def hybrid_generate_transformers_loop(model):
+    """The default path with transformers' own decoding loop over its compiled step (CUDA-graph trees) instead of
+    hybrid_lm's graph loop: the A/B for decoding_hybrid_lm.py."""
+    from hybrid_lm import generation_hybrid_lm
+
+    generate = hybrid_generate(model)
+
+    def with_transformers_loop(ids, new):
+        chooser = generation_hybrid_lm._why_not_graph_loop
+        generation_hybrid_lm._why_not_graph_loop = lambda *args: "the benchmark asks for transformers' loop"
+        try:
+            return generate(ids, new)
+        finally:
+            generation_hybrid_lm._why_not_graph_loop = chooser
+    return with_transformers_loop
+
+
 def prefill_forward(model):
     def prefill(ids):
         with torch.no_grad():
@@ -128,6 +145,8 @@ def main():
         engines = {
             "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model, "dynamic"), prefill_forward(model)),
             "graphs": lambda: ("hybrid_lm default (graphs)", hybrid_generate(model), prefill_forward(model)),
+            "hf_loop": lambda: ("hybrid_lm static, hf loop", hybrid_generate_transformers_loop(model),
+                                prefill_forward(model)),
             "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model).eval()), None),
             "mamba_ssm": lambda: ("mamba-ssm cg=True (dense)", mamba_ssm_generate(model.config), None),
         }
@@ -137,7 +156,7 @@ def main():
                 try:
                     name, generate, prefill = engines[engine]()
                     out = measure(name, generate, batch, prompt_len, args.new,
-                                  reference if engine == "graphs" else None, prefill)
+                                  reference if engine in ("graphs", "hf_loop") else None, prefill)
                     if engine == "eager":
                         reference = out
                 except Exception as error:  # report the engine that could not run, and go on with the others

@@ -8,16 +8,23 @@ to `generate` as the user's own cache would be: graphs are recorded on the first
 every later one. A cache grows (and the graphs are recorded again) only when a call needs more tokens than it
 holds, in steps of `LENGTH_STEP`; the caches, and with them their memory, live and die with the model.
 
-Nothing here is a transformers hook: `generate` is called with a public `StaticCache` as its cache argument.
+Greedy search and sampling then decode with `decoding_hybrid_lm.decode_with_graphs` (passed as generate's
+`custom_generate`), which replays one CUDA graph per kept cache; other modes (beam search) take transformers'
+own loop over its compiled step. Nothing here is a private transformers hook: `generate` is called with a public
+`StaticCache` as its cache argument and, for those modes, a `custom_generate` callable.
 """
 
 import copy
+import functools
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
+from transformers.generation import GenerationMode
 from transformers.utils import logging
 
+from .decoding_hybrid_lm import DecodeStep, decode_with_graphs
 from .transformers_compat import CACHE_NAME
 
 logger = logging.get_logger(__name__)
@@ -33,13 +40,23 @@ _CACHE_ARGUMENTS = (CACHE_NAME, "past_key_values")
 KEPT_CACHES = 4
 
 
+@dataclass
+class _KeptCache:
+    device: torch.device
+    dtype: torch.dtype
+    length: int
+    cache: StaticCache
+    step: DecodeStep | None = None  # the loop's decode step over `cache`, built at its first use
+
+
 class StaticDecodingCaches:
     """The static caches of one model, one per batch size (on the model's device and dtype), each grown in steps
-    of LENGTH_STEP, at most KEPT_CACHES of them."""
+    of LENGTH_STEP, at most KEPT_CACHES of them; with each, the decode step `decode_with_graphs` replays, and one
+    CUDA-graph memory pool for all of them."""
 
     def __init__(self):
-        # batch size -> (device, dtype, cache length, cache), least recently used first
-        self._caches: OrderedDict[int, tuple[torch.device, torch.dtype, int, StaticCache]] = OrderedDict()
+        self._caches: OrderedDict[int, _KeptCache] = OrderedDict()  # batch size -> kept, least recently used first
+        self._graph_pool = None
 
     def __len__(self) -> int:
         return len(self._caches)
@@ -47,17 +64,30 @@ class StaticDecodingCaches:
     def take(self, config, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> StaticCache:
         """A reset static cache of `batch` rows and at least `length` tokens, for a model on `device` in `dtype`."""
         kept = self._caches.pop(batch, None)
-        if kept is not None and kept[:2] == (device, dtype) and kept[2] >= length:
-            length, cache = kept[2:]
-            cache.reset()
+        if kept is not None and (kept.device, kept.dtype) == (device, dtype) and kept.length >= length:
+            kept.cache.reset()
         else:
-            del kept  # free the smaller (or stale) cache before allocating the new one
+            del kept  # free the smaller (or stale) cache, and its graph, before allocating the new one
             while len(self._caches) >= KEPT_CACHES:
                 self._caches.popitem(last=False)
             length = -(-length // LENGTH_STEP) * LENGTH_STEP
-            cache = StaticCache(config=config, max_cache_len=length)
-        self._caches[batch] = (device, dtype, length, cache)
-        return cache
+            kept = _KeptCache(device, dtype, length, StaticCache(config=config, max_cache_len=length))
+        self._caches[batch] = kept
+        return kept.cache
+
+    def decode_step(self, model, cache: StaticCache) -> DecodeStep:
+        """The decode step over `cache` (one of the kept ones, reset and not yet prefilled): built at the first
+        call, on CUDA captured in a CUDA graph then, and kept with the cache."""
+        kept = next(kept for kept in self._caches.values() if kept.cache is cache)
+        if kept.step is None:
+            batch = next(b for b, k in self._caches.items() if k is kept)
+            on_cuda = kept.device.type == "cuda"
+            kept.step = DecodeStep(model, cache, batch, kept.length, compile=on_cuda)
+            if on_cuda:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                kept.step.capture(self._graph_pool)
+        return kept.step
 
 
 def static_decoding_kwargs(model, inputs, generation_config, kwargs: dict) -> dict | None:
@@ -104,7 +134,36 @@ def static_decoding_kwargs(model, inputs, generation_config, kwargs: dict) -> di
         base = copy.deepcopy(base)
         base.cache_implementation = None
     new_kwargs["generation_config"] = base if base is not model.generation_config else generation_config
+    reason = _why_not_graph_loop(config, kwargs, from_embeds)
+    if reason is None:
+        # transformers hands a custom loop no streamer: it is bound here (generate still streams the prompt)
+        new_kwargs["custom_generate"] = functools.partial(decode_with_graphs, streamer=kwargs.get("streamer"))
+    else:
+        logger.info_once(f"generate: decoding with transformers' loop over its compiled step, not hybrid_lm's "
+                         f"graph loop, because {reason}")
     return new_kwargs
+
+
+def _why_not_graph_loop(config, kwargs: dict, from_embeds: bool) -> str | None:
+    """Why `decoding_hybrid_lm.decode_with_graphs` cannot run a call (merged generation config `config`, the
+    call's keyword arguments), or None when it can: greedy search and sampling, with any logits processors,
+    stopping criteria and streamer."""
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        return f"the call asks for {mode.value.replace('_', ' ')}"
+    if kwargs.get("custom_generate") is not None:
+        return "the call brings its own decoding loop (custom_generate)"
+    if kwargs.get("synced_gpus"):
+        return "the call decodes in step with other processes (synced_gpus)"
+    if config.disable_compile:
+        return "compilation is disabled (disable_compile)"
+    if config.stop_strings is not None:
+        return "the call has stop strings (transformers gives a custom loop no tokenizer to match them with)"
+    if config.return_dict_in_generate and (config.output_attentions or config.output_hidden_states):
+        return "the call asks for attentions or hidden states of every step"
+    if from_embeds:
+        return "the prompt is given as inputs_embeds"
+    return None
 
 
 def records_graphs(model) -> bool:

@@ -1,5 +1,6 @@
 """generate() in every mode a transformers user reaches for, against the invariants that must hold."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -246,16 +247,16 @@ def test_kept_static_caches_are_reused_grown_and_bounded(kept_static_caches):
     model = tiny_model(**NO_EOS)
     caches = model.static_decoding_caches
     out = model.generate(prompt(batch=2), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    (first,) = [kept for *_, kept in caches._caches.values()]
-    assert caches._caches[2][2] == LENGTH_STEP
+    (first,) = [kept.cache for kept in caches._caches.values()]
+    assert caches._caches[2].length == LENGTH_STEP
     returned = getattr(out, CACHE_NAME)
     assert returned is not first and returned.get_seq_length() == 9 + 4 - 1  # a copy the next call leaves alone
     greedy(model, prompt(batch=2, seed=1), n=5)
-    assert [kept for *_, kept in caches._caches.values()] == [first]  # same shape: the same cache, reset
+    assert [kept.cache for kept in caches._caches.values()] == [first]  # same shape: the same cache, reset
     assert returned.get_seq_length() == 9 + 4 - 1
     greedy(model, prompt(batch=2, length=LENGTH_STEP), n=3)  # longer: a new cache of the next step
-    (grown,) = [kept for *_, kept in caches._caches.values()]
-    assert grown is not first and caches._caches[2][2] == 2 * LENGTH_STEP
+    (grown,) = [kept.cache for kept in caches._caches.values()]
+    assert grown is not first and caches._caches[2].length == 2 * LENGTH_STEP
     for batch in range(3, 3 + KEPT_CACHES):
         greedy(model, prompt(batch=batch), n=2)
     assert sorted(caches._caches) == list(range(3, 3 + KEPT_CACHES))  # batch 2, the least recently used, went
@@ -285,6 +286,86 @@ def test_kept_static_cache_stays_out_of_the_way(kept_static_caches, caplog):
     torch.testing.assert_close(offloaded, greedy(model, input_ids, cache_implementation="dynamic"))
 
 
+def _graph_loop_steps(model) -> list:
+    """The decode steps of the graph loop (decoding_hybrid_lm.py) the model keeps, one per cache it has served."""
+    return [kept.step for kept in model.static_decoding_caches._caches.values() if kept.step is not None]
+
+
+def _eos_that_stops_some_rows(model, input_ids, attention_mask, n):
+    """A token the dynamic path generates a few steps into some row but not all: EOS then ends rows at different
+    steps."""
+    free = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=n, do_sample=False,
+                          cache_implementation="dynamic")[:, input_ids.shape[1]:]
+    for token in free[:, 2:].flatten().tolist():
+        if not (free == token).any(1).all():
+            return token
+    pytest.fail("every candidate token appears in every row")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_graph_loop_stops_rows_at_eos_as_transformers_does(layout, kept_static_caches):
+    """Rows that hit EOS get padding, and the call ends when all have: the same sequences (and length) as
+    transformers' loop over the dynamic cache, with the scores and raw logits of every step."""
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    input_ids = prompt(batch=3, length=8)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    eos = _eos_that_stops_some_rows(model, input_ids, attention_mask, n=10)
+    runs = [model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
+                           eos_token_id=eos, pad_token_id=1, return_dict_in_generate=True, output_scores=True,
+                           output_logits=True, cache_implementation=cache)
+            for cache in ("dynamic", None)]
+    assert len(_graph_loop_steps(model)) == 1
+    torch.testing.assert_close(runs[1].sequences, runs[0].sequences)
+    assert (runs[0].sequences == 1).any(), "no row was padded after its EOS: the test shows nothing"
+    for field in ("scores", "logits"):
+        assert len(getattr(runs[1], field)) == len(getattr(runs[0], field))
+        torch.testing.assert_close(torch.stack(getattr(runs[1], field)), torch.stack(getattr(runs[0], field)))
+
+
+def test_graph_loop_applies_the_calls_processors_and_streams_every_token(kept_static_caches):
+    """Repetition penalty, several sampled sequences per prompt, a minimum length and a streamer: what
+    transformers' loop gives, token for token, with the same seed."""
+    class Collect:
+        def __init__(self):
+            self.values = []
+
+        def put(self, value):
+            self.values.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.values.append("end")
+
+    model = tiny_model(**NO_EOS)
+    input_ids = prompt(batch=1)
+    settings = dict(max_new_tokens=9, do_sample=True, top_p=0.8, repetition_penalty=1.3, num_return_sequences=3,
+                    min_new_tokens=4)
+    runs, streamers = [], []
+    for cache in ("dynamic", None):
+        torch.manual_seed(3)
+        runs.append(model.generate(input_ids, cache_implementation=cache, **settings))
+    assert len(_graph_loop_steps(model)) == 1
+    torch.testing.assert_close(runs[1], runs[0])
+    for cache in ("dynamic", None):
+        streamers.append(Collect())
+        greedy(model, input_ids, n=6, cache_implementation=cache, streamer=streamers[-1])
+    assert streamers[1].values == streamers[0].values and streamers[1].values[-1] == "end"
+    assert len(streamers[1].values) == 1 + 6 + 1  # the prompt, each new token, the end
+
+
+def test_graph_loop_leaves_other_modes_to_transformers_and_says_why(kept_static_caches, caplog):
+    model = tiny_model(**NO_EOS)
+    logging.Logger.info_once.cache_clear()  # an earlier test may have logged the same reason, once per process
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("INFO"):
+            greedy(model, prompt(), num_beams=2)
+    finally:
+        hf_logging.disable_propagation()
+    assert _graph_loop_steps(model) == [] and len(model.static_decoding_caches) == 1
+    assert any("because the call asks for beam search" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_default_cuda_generate_decodes_with_graphs_and_gives_the_eager_tokens():
@@ -301,7 +382,38 @@ def test_default_cuda_generate_decodes_with_graphs_and_gives_the_eager_tokens():
         torch.testing.assert_close(static, eager, msg=f"batch {batch}, prompt {length}")
         torch.testing.assert_close(greedy(model, input_ids, n=64, cache_implementation="static"), eager)
     assert len(model.static_decoding_caches) == 3
-    assert hasattr(model, "_compiled_call")  # transformers compiled the decode step
+    steps = _graph_loop_steps(model)
+    assert len(steps) == 3 and all(step.graph is not None for step in steps)  # the graph loop, with its graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_loop_on_cuda_stops_at_eos_and_streams_like_transformers():
+    """On CUDA the stop flag and the streamed tokens reach the host a step late: the step taken past the stop is
+    dropped, so sequences, their length and the stream are transformers' (float32, greedy)."""
+    class Collect:
+        def __init__(self):
+            self.values = []
+
+        def put(self, value):
+            self.values.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.values.append("end")
+
+    model = tiny_model(**NO_EOS).cuda()
+    input_ids = prompt(batch=3, length=8).cuda()
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    eos = _eos_that_stops_some_rows(model, input_ids, attention_mask, n=40)
+    runs = [greedy(model, input_ids, n=40, attention_mask=attention_mask, eos_token_id=eos, pad_token_id=1,
+                   cache_implementation=cache) for cache in ("dynamic", None)]
+    assert len(_graph_loop_steps(model)) == 1 and runs[0].shape[1] < 8 + 40, "EOS ended no call early"
+    torch.testing.assert_close(runs[1], runs[0])
+    streams = [Collect(), Collect()]
+    for stream, cache in zip(streams, ("dynamic", None)):
+        greedy(model, input_ids[:1], n=12, cache_implementation=cache, streamer=stream)
+    assert streams[1].values == streams[0].values and len(streams[1].values) == 1 + 12 + 1
 
 
 @pytest.mark.gpu
