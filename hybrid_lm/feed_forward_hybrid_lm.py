@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.utils import logging
 
 from .configuration_hybrid_lm import HybridLMConfig
 from .experts_ops import expert_offsets, grouped_linear
+
+logger = logging.get_logger(__name__)
 
 
 class HybridLMMLP(nn.Module):
@@ -117,9 +120,7 @@ class HybridLMSparseMoeBlock(nn.Module):
         device_type = tokens.device.type
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                  else down_layers[0].weight.dtype)
-        gate_up_weight = _stack([w for g, u in zip(gate_layers, up_layers) for w in (g.weight, u.weight)], dtype)
-        gate_up_weight = gate_up_weight.view(self.num_experts, -1, gate_up_weight.shape[-1])  # (E, 2I, H)
-        down_weight = _stack([layer.weight for layer in down_layers], dtype)  # (E, H, I)
+        gate_up_weight, down_weight = self._stacked_weights(gate_layers, up_layers, down_layers, dtype)
         gate_up_bias = down_bias = None
         if gate_layers[0].bias is not None:
             gate_up_bias = _stack([b for g, u in zip(gate_layers, up_layers) for b in (g.bias, u.bias)], dtype)
@@ -138,6 +139,53 @@ class HybridLMSparseMoeBlock(nn.Module):
         expert_out = torch.empty_like(expert_out).index_copy_(0, order, expert_out)  # (S, H)
         output = (expert_out.view(num_tokens, top_k, -1) * top_k_weights[..., None].to(dtype)).sum(1)
         return output.to(tokens.dtype)
+
+    def _stacked_weights(self, gate_layers, up_layers, down_layers, dtype):
+        """The experts' weights in `dtype`: gate and up concatenated per expert (E, 2I, H), down (E, H, I). Stacked
+        from the nn.Linear weights (differentiable), or, where no gradient is needed, read in place from the packed
+        storage the weights live in (see `_packed_weights`)."""
+        weights = [w for g, u in zip(gate_layers, up_layers) for w in (g.weight, u.weight)]
+        down = [layer.weight for layer in down_layers]
+        packed = self._packed_weights(weights, down, dtype)
+        if packed is not None:
+            return packed
+        gate_up_weight = _stack(weights, dtype)
+        return gate_up_weight.view(self.num_experts, -1, gate_up_weight.shape[-1]), _stack(down, dtype)
+
+    def _packed_weights(self, gate_up: list, down: list, dtype):
+        """(E, 2I, H) and (E, H, I) tensors whose slices *are* the experts' weights, for forwards that need no
+        gradient in the weights' own dtype (inference); None otherwise.
+
+        Stacking copies every expert's weights each forward: a third of a decode step on the bench config
+        (benchmarks/RESULTS.md, "Generation"). So the first such forward moves the weights into two packed
+        tensors (each nn.Linear's weight becomes a view of its slice: no memory is added, the parameters stay the
+        same objects, `load_state_dict` writes through the views, and transformers' `save_pretrained` saves views
+        of one storage as separate tensors). A move of the weights (`model.to(...)`, a parameter replaced) ends the
+        packing; the next inference forward packs again. Checked by address in eager mode; under torch.compile by
+        parameter identity (a compiled step is traced after an eager one, which packs or re-checks)."""
+        if torch.is_grad_enabled() or dtype != down[0].dtype:
+            return None
+        packed = getattr(self, "_packed", None)
+        params = gate_up + down
+        if packed is not None and all(a is b for a, b in zip(packed[2], params)):
+            if torch.compiler.is_compiling() or _is_packed(packed, gate_up, down):
+                return packed[0], packed[1]
+        if torch.compiler.is_compiling() or getattr(self, "_packing_failed", False) or not _packable(params):
+            return None
+        try:
+            self._packed = _pack(gate_up, down, self.num_experts)
+        except torch.OutOfMemoryError:  # packing needs one block's expert weights twice, for a moment
+            logger.warning_once("hybrid_lm: no memory to pack the expert weights for inference; they are stacked "
+                                "every forward instead (slower decoding)")
+            self._packing_failed = True
+            return None
+        return self._packed[0], self._packed[1]
+
+    def _apply(self, fn, recurse=True):
+        # the weights move: they are packed again where needed
+        self.__dict__.pop("_packed", None)
+        self.__dict__.pop("_packing_failed", None)
+        return super()._apply(fn, recurse)
 
     def _module_loop_forward(self, tokens, top_k_weights, top_k_index):
         # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
@@ -190,6 +238,36 @@ def _vanilla_lora_adapters(layers: list[nn.Module]):
 
 def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(tensors).to(dtype)
+
+
+def _pack(gate_up: list[nn.Parameter], down: list[nn.Parameter], num_experts: int):
+    """Copies the weights into (E, 2I, H) and (E, H, I) tensors and makes each parameter a view of its slice.
+    Returns (gate_up tensor, down tensor, the parameters)."""
+    with torch.no_grad():
+        packed_gate_up = torch.stack(gate_up).view(num_experts, -1, gate_up[0].shape[-1])
+        for param, view in zip(gate_up, packed_gate_up.view(-1, *gate_up[0].shape)):
+            param.data = view
+        packed_down = torch.stack(down)
+        for param, view in zip(down, packed_down):
+            param.data = view
+    return packed_gate_up, packed_down, gate_up + down
+
+
+def _packable(params: list[nn.Parameter]) -> bool:
+    """Plain, contiguous tensors of one device and dtype (not DTensors of a tensor-parallel plan, say)."""
+    first = params[0]
+    return all(type(p.data) is torch.Tensor and p.is_contiguous() and p.device == first.device
+               and p.dtype == first.dtype for p in params)
+
+
+def _is_packed(packed, gate_up: list[nn.Parameter], down: list[nn.Parameter]) -> bool:
+    """Whether the parameters still are the slices of the packed tensors `_pack` returned."""
+    for tensor, params in ((packed[0], gate_up), (packed[1], down)):
+        step = params[0].numel() * params[0].element_size()
+        base = tensor.data_ptr()
+        if any(p.data_ptr() != base + i * step or not p.is_contiguous() for i, p in enumerate(params)):
+            return False
+    return True
 
 
 def _with_lora(y, x, adapters, offs, expert_ids, dtype):

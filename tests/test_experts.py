@@ -219,6 +219,94 @@ def test_no_host_read_in_the_grouped_path(monkeypatch):
     block(x).sum().backward()
 
 
+# ---- packed weights (inference) ----
+
+def expert_weights(block):
+    return [getattr(expert, name).weight for expert in block.experts for name in ("gate_proj", "up_proj", "down_proj")]
+
+
+def float64_output(block, x):
+    with torch.no_grad():
+        tokens = x.reshape(-1, x.shape[-1])
+        _, _, top_k_index = block.router(tokens)
+        return reference_moe(copy.deepcopy(block).double(), tokens.double(), top_k_index).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_reads_the_experts_from_packed_storage_without_copying_them(dtype):
+    """Without gradients the first forward moves the weights into packed tensors (each weight becomes a view of
+    its slice, no memory added) and later forwards read them in place; values stay the reference's."""
+    block = make_block(dtype=dtype, num_experts=4)
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    params = expert_weights(block)
+    with torch.no_grad():
+        first = block(x)
+    storages = {p.untyped_storage().data_ptr() for p in expert_weights(block)}
+    assert len(storages) == 2  # gate/up of all experts in one, down in the other
+    assert [a is b for a, b in zip(expert_weights(block), params)] == [True] * len(params)
+    baseline = reference_moe(copy.deepcopy(block), x.reshape(-1, 32),
+                             block.router(x.reshape(-1, 32))[2]).reshape(x.shape).detach()
+    assert_close_to(first, float64_output(block, x), dtype, "first inference", baseline)
+
+    stacks = []
+    original_stack = torch.stack
+    try:
+        torch.stack = lambda tensors, *args, **kwargs: stacks.append(len(tensors)) or original_stack(tensors, *args,
+                                                                                                      **kwargs)
+        with torch.no_grad():
+            again = block(x)
+    finally:
+        torch.stack = original_stack
+    assert stacks == [], "a packed forward stacked the expert weights again"
+    torch.testing.assert_close(again, first)
+
+
+def test_packed_weights_follow_training_moves_and_replacement():
+    """Gradients still reach every expert after packing; an optimizer step shows in the next packed forward;
+    `.to()` and a replaced parameter end the packing, and the next inference forward packs the new weights."""
+    block = make_block(num_experts=4)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        block(x)
+    check_against_reference(block, x, torch.float32)  # grad mode: stacked from the (view) parameters
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.5)
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), stacked_output(block, x))  # the step shows in the packed storage
+
+    block.double()
+    x = x.double()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), stacked_output(block, x))
+    assert len({p.untyped_storage().data_ptr() for p in expert_weights(block)}) == 2
+
+    block.experts[2].up_proj.weight = torch.nn.Parameter(torch.randn_like(block.experts[2].up_proj.weight))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), stacked_output(block, x))
+    block.experts[1].down_proj.weight.data = block.experts[1].down_proj.weight.data.clone() * 2  # moved in place
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), stacked_output(block, x))
+
+
+def test_compiled_inference_forgets_the_packing_when_the_weights_move():
+    """Compiled code checks the packing by parameter identity only, so a move (`.to()`) must drop it: a compiled
+    forward after `.double()` computes with the moved weights."""
+    block = make_block(num_experts=4)
+    x = torch.randn(2, 5, 32)
+    compiled = torch.compile(block, backend="aot_eager")
+    with torch.no_grad():
+        block(x)  # eager: packs
+        torch.testing.assert_close(compiled(x), stacked_output(block, x))
+        block.double()
+        torch.testing.assert_close(compiled(x.double()), stacked_output(block, x.double()))
+
+
+def stacked_output(block, x):
+    """The block's output through the stacking path (grad mode), detached."""
+    with torch.enable_grad():
+        return block(x).detach()
+
+
 # ---- adapters ----
 
 def lora_block(block, **lora_options):

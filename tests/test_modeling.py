@@ -122,13 +122,34 @@ def test_float32_parameters_are_not_rounded_by_half_precision_casts():
     torch.testing.assert_close(model.model.layers[0].mamba.dt_proj.bias, before, rtol=0, atol=0)
 
 
+def test_save_and_load_after_inference_packed_the_experts(tmp_path):
+    """An inference forward packs each MoE block's expert weights into one storage (feed_forward_hybrid_lm.py);
+    the checkpoint still holds one tensor per expert weight, under Jamba's keys, and loads back exactly."""
+    from safetensors import safe_open
+
+    model = tiny_model()
+    input_ids = ids()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    experts = model.model.layers[1].feed_forward.experts
+    assert experts[0].gate_proj.weight.untyped_storage().data_ptr() == experts[1].up_proj.weight.untyped_storage().data_ptr()
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.1.feed_forward.experts.2.down_proj.weight").shape == (32, 48)
+    assert {f"model.layers.1.feed_forward.experts.{e}.{name}.weight" for e in range(4)
+            for name in ("gate_proj", "up_proj", "down_proj")} <= keys
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(input_ids).logits, expected, rtol=0, atol=0)
+
+
 def test_save_and_load_through_auto_classes(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     for name in ("modeling_hybrid_lm.py", "configuration_hybrid_lm.py", "mamba_kernels.py", "mamba_scan_ref.py",
                  "mamba_conv_ref.py", "mamba_scan_triton.py", "mamba_conv_triton.py", "mamba_cuda.py",
-                 "custom_ops.py"):  # GPU kernels travel too
+                 "custom_ops.py", "generation_hybrid_lm.py", "decoding_hybrid_lm.py"):  # GPU kernels travel too
         assert (tmp_path / name).exists(), name
     input_ids = ids()
     expected = model(input_ids).logits
