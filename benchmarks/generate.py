@@ -1,7 +1,8 @@
-"""Greedy generation speed on a GPU, side by side in one run: hybrid_lm (dynamic cache, eager; and the default path:
-a static cache the model keeps, whose decode step transformers compiles with CUDA graphs), transformers'
-JambaForCausalLM on the same weights (with the mamba-ssm / causal-conv1d kernels when they import), and mamba-ssm's
-`MambaLMHeadModel.generate(cg=True)` on a dense hybrid beside hybrid_lm's same dense model (`num_experts=1`).
+"""Greedy generation speed on a GPU, side by side in one run: hybrid_lm (dynamic cache, eager; the default path: a
+static cache the model keeps and hybrid_lm's loop replaying one CUDA graph a step; optionally `hf_loop`, the same
+cache under transformers' own loop over its compiled step), transformers' JambaForCausalLM on the same weights
+(with the mamba-ssm / causal-conv1d kernels when they import), and mamba-ssm's `MambaLMHeadModel.generate(cg=True)`
+on a dense hybrid beside hybrid_lm's same dense model (`num_experts=1`).
 
     python benchmarks/generate.py [--engines ...] [--batch 1 16] [--prompt 128] [--new 256] [--config bench|dense]
 
@@ -87,8 +88,8 @@ def measure(name, generate, batch, prompt_len, new, reference=None, prefill=None
 
 
 def hybrid_generate(model, cache_implementation=None):
-    """Greedy generate; `cache_implementation=None` is the default path (on CUDA: a static cache the model keeps,
-    transformers' compiled decode step and its CUDA graphs, recorded on the first call of a shape)."""
+    """Greedy generate; `cache_implementation=None` is the default path (on CUDA: a static cache the model keeps and
+    hybrid_lm's graph loop, whose CUDA graph is recorded on the first call of a batch size)."""
     def generate(ids, new):
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
                               pad_token_id=0, cache_implementation=cache_implementation)
