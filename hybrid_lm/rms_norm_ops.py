@@ -9,10 +9,12 @@ Shape legend: M = rows (every leading dimension), H = hidden size.
 This is the Llama / Jamba eager formula, which `rms_norm_ref` keeps literally. The Triton tier
 (triton_rms_norm.py) reads x (and the residual) once, writes the output (and the sum) once, saves only the
 per-row float32 rstd and its input for the backward, and rounds exactly where the reference does. In eager
-PyTorch the same norm is about seven kernels forward, with float32 intermediates saved for the backward.
+PyTorch the same norm is about seven kernels forward, with float32 intermediates saved for the backward. Eager
+training takes torch's fused `F.rms_norm` instead (see `rms_norm` for why).
 """
 
 import torch
+import torch.nn.functional as F
 
 from .custom_ops import has_triton_dtypes, triton_runs_on
 
@@ -48,40 +50,55 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, resid
     return weight * h.to(input_dtype)
 
 
-def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, backend: str) -> bool:
-    """Whether the Triton tier computes this call for `config.kernel_backend` = `backend`: CUDA tensors unless
-    "torch" (CPU ones in Triton's interpreter only for "triton", as for the Mamba ops), float32 / bfloat16 /
-    float16, a (H,) weight, a residual of x's shape, 0 < H <= MAX_HIDDEN, no DTensor. Decided from types and shapes
-    only (no device values), so the choice is the same in eager mode, under torch.compile and in CUDA graphs."""
+def _fused_tier_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, backend: str) -> bool:
+    """Whether a fused norm may compute this call for `config.kernel_backend` = `backend`: CUDA tensors unless
+    "torch" (CPU ones in Triton's interpreter only for "triton", as for the Mamba ops), float32 / bfloat16 / float16,
+    a (H,) weight, a residual of x's shape, H > 0, no DTensor. Decided from types and shapes only (no device values),
+    so the choice is the same in eager mode, under torch.compile and in CUDA graphs."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
     device = x.device
     return (
-        rms_norm_triton is not None
-        and (backend != "torch" if device.type == "cuda" else backend == "triton" and triton_runs_on(device))
+        (backend != "torch" if device.type == "cuda" else backend == "triton" and triton_runs_on(device))
         and has_triton_dtypes(*tensors)
         and all(t.device == device and not isinstance(t, DTensor) for t in tensors)
-        and weight.dim() == 1 and x.dim() >= 1 and 0 < x.shape[-1] == weight.shape[0] <= MAX_HIDDEN
+        and weight.dim() == 1 and x.dim() >= 1 and 0 < x.shape[-1] == weight.shape[0]
         and (residual is None or residual.shape == x.shape)
     )
 
 
+def _torch_fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
+    """`rms_norm_ref`'s contract through torch's own fused RMSNorm (`F.rms_norm`: one kernel forward, one backward
+    on CUDA), for tensors of one dtype. Its output is rounded once, after the product with the weight (the reference
+    rounds the normalized value first): within one rounding step of the reference."""
+    total = x if residual is None else x + residual
+    out = F.rms_norm(total, (total.shape[-1],), weight, eps)
+    return out if residual is None else (out, total)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
              backend: str = "auto"):
-    """`rms_norm_ref`'s contract (same args, returns, dtypes and rounding), on the Triton kernels where they apply.
+    """`rms_norm_ref`'s contract (same args, returns and dtypes), on a fused norm where one applies.
 
-    backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. The kernels run when `_kernel_takes`
-    says so and no gradient is recorded (inference, decoding), the reference in every other case (CPU, meta,
-    float64, mismatched shapes, training).
-
-    Why not in training: on an H200 the kernels' forward + backward take 6x less GPU time than the eager formula
-    (62 against 396 us at 8192 x 1024 bf16 with a residual), but in one run of the bench config's train step they
-    made the default (triton) tier 10-12 ms slower while the cuda tier gained 5-6 ms (benchmarks/RESULTS.md,
-    "Fused RMSNorm"): the triton tier's eager step is bound by host time, and each norm through the custom op and
-    Triton's launcher costs the host more than the eager formula's launches. Differentiable in x, weight and
-    residual either way (`rms_norm_triton` itself is, for its tests).
+    backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. Where `_fused_tier_takes` says a
+    fused norm may run (CUDA tensors unless "torch"):
+    - no gradient recorded (inference, decoding): the Triton kernels (`rms_norm_triton`), with the residual add fused
+      in and the reference's rounding kept exactly; one launch in a captured decode step.
+    - recording a gradient (training), eager: torch's fused `F.rms_norm` after the residual add, when x, weight and
+      the residual share one dtype. The eager training step of the default tier is bound by host time, and per
+      norm (forward + backward, with a residual, bf16, on an H200 host) the eager formula cost the host 735-915 us,
+      `rms_norm_triton` through its custom op and Triton's launcher 935-1191 us, `F.rms_norm` 243-321 us, its
+      dispatch being C++ (benchmarks/RESULTS.md, "Fused RMSNorm").
+    - recording a gradient under torch.compile: the reference, which inductor fuses with the ops around it.
+    The reference in every other case (CPU, meta, float64, mixed dtypes in training, mismatched shapes).
+    Differentiable in x, weight and residual either way (`rms_norm_triton` itself is, for its tests).
     """
+    if not _fused_tier_takes(x, weight, residual, backend):
+        return rms_norm_ref(x, weight, eps, residual)
     records_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, residual))
-    if not records_grad and _kernel_takes(x, weight, residual, backend):
-        return rms_norm_triton(x, weight, eps, residual)
+    if not records_grad:
+        if rms_norm_triton is not None and x.shape[-1] <= MAX_HIDDEN:
+            return rms_norm_triton(x, weight, eps, residual)
+    elif not torch.compiler.is_compiling() and all(t.dtype == x.dtype for t in (weight, residual) if t is not None):
+        return _torch_fused_rms_norm(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

@@ -43,7 +43,9 @@ def make_input(shape, dtype, strided, generator, scale=1.0):
     return t
 
 
-def check_against_reference(shape, dtype, residual, strided, weight_dtype=None, residual_dtype=None, seed=0):
+def check_against_reference(shape, dtype, residual, strided, weight_dtype=None, residual_dtype=None, seed=0,
+                            norm=triton_rms_norm.rms_norm_triton):
+    """`norm` (rms_norm_ref's signature) against the reference: outputs in the same dtype, gradients in float64."""
     generator = torch.Generator().manual_seed(seed)
     hidden = shape[-1]
     x = make_input(shape, dtype, strided, generator)
@@ -56,7 +58,7 @@ def check_against_reference(shape, dtype, residual, strided, weight_dtype=None, 
         result = fn(leaves["x"], leaves["weight"], EPS, leaves["residual"])
         return (result if residual else (result,)), leaves
 
-    outs, leaves = run(triton_rms_norm.rms_norm_triton, lambda t: t.detach().clone())
+    outs, leaves = run(norm, lambda t: t.detach().clone())
     ref_outs, _ = run(rms_norm_ref, lambda t: t.detach().clone())
     # 1. outputs: the reference's dtypes, its value up to the last rounding step, the sum exactly
     for name, out, ref in zip(("out", "sum"), outs, ref_outs):
@@ -94,6 +96,40 @@ def test_kernel_equals_reference(small_tiles, dtype, hidden, residual, strided):
 ])
 def test_mixed_dtypes_follow_type_promotion(small_tiles, x_dtype, weight_dtype, residual_dtype):
     check_against_reference((2, 7, 48), x_dtype, residual_dtype is not None, False, weight_dtype, residual_dtype)
+
+
+def training_norm(x, weight, eps, residual):
+    """The path `rms_norm` takes when it records a gradient: torch's fused norm after the residual add."""
+    assert x.requires_grad
+    return rms_norm(x, weight, eps, residual, backend="triton")
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "residual+norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_training_path_equals_reference(monkeypatch, dtype, residual, strided):
+    """Recording a gradient, the fused tier runs torch's `F.rms_norm` (one rounding step from the reference), and
+    its gradients are those of the float64 reference."""
+    calls = []
+    fused = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *args: calls.append(1) or fused(*args))
+    monkeypatch.setattr(rms_norm_ops, "rms_norm_triton", None)  # would it run, the call would fail
+    check_against_reference((3, 5, 100), dtype, residual, strided, norm=training_norm)
+    assert len(calls) == 1
+
+
+def test_training_path_keeps_the_reference_elsewhere(monkeypatch):
+    """Mixed dtypes (the reference's type promotion), backend="torch" and torch.compile's tracing keep the
+    reference formula while recording a gradient."""
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", None)  # would it run, the call would fail
+    x = torch.randn(3, 8, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.ones(8, device=DEVICE, requires_grad=True)
+    out = rms_norm(x, weight, EPS, backend="triton")
+    assert out.dtype == torch.float32 and torch.equal(out, rms_norm_ref(x, weight, EPS))
+    same = weight.to(torch.bfloat16)
+    assert torch.equal(rms_norm(x, same, EPS, backend="torch"), rms_norm_ref(x, same, EPS))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(rms_norm(x, same, EPS, backend="triton"), rms_norm_ref(x, same, EPS))
 
 
 def test_one_row_and_leading_shapes(small_tiles):
