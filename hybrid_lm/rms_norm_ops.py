@@ -10,7 +10,7 @@ This is the Llama / Jamba eager formula, which `rms_norm_ref` keeps literally. T
 (triton_rms_norm.py) reads x (and the residual) once, writes the output (and the sum) once, saves only the
 per-row float32 rstd and its input for the backward, and rounds exactly where the reference does. In eager
 PyTorch the same norm is about seven kernels forward, with float32 intermediates saved for the backward. Eager
-training takes torch's fused `F.rms_norm` instead (see `rms_norm` for why).
+calls take torch's fused `F.rms_norm` instead, whose dispatch costs the host less (see `rms_norm`).
 """
 
 import torch
@@ -75,30 +75,38 @@ def _torch_fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, res
     return out if residual is None else (out, total)
 
 
+def _in_graph_capture(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a CPU-only torch has no such query)."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
              backend: str = "auto"):
     """`rms_norm_ref`'s contract (same args, returns and dtypes), on a fused norm where one applies.
 
     backend: the model's `config.kernel_backend`; "torch" keeps pure PyTorch. Where `_fused_tier_takes` says a
-    fused norm may run (CUDA tensors unless "torch"):
-    - no gradient recorded (inference, decoding): the Triton kernels (`rms_norm_triton`), with the residual add fused
-      in and the reference's rounding kept exactly; one launch in a captured decode step.
-    - recording a gradient (training), eager: torch's fused `F.rms_norm` after the residual add, when x, weight and
-      the residual share one dtype. The eager training step of the default tier is bound by host time, and per
-      norm (forward + backward, with a residual, bf16, on an H200 host) the eager formula cost the host 735-915 us,
-      `rms_norm_triton` through its custom op and Triton's launcher 935-1191 us, `F.rms_norm` 243-321 us, its
-      dispatch being C++ (benchmarks/RESULTS.md, "Fused RMSNorm").
-    - recording a gradient under torch.compile: the reference, which inductor fuses with the ops around it.
-    The reference in every other case (CPU, meta, float64, mixed dtypes in training, mismatched shapes).
+    fused norm may run (CUDA tensors unless "torch"), the choice follows where the time goes:
+    - eager (training, prefill, eager decoding): torch's fused `F.rms_norm` after the residual add, for x, weight
+      and residual of one dtype. Eager steps are bound by host time, and per norm (forward + backward, with a
+      residual, bf16, on an H200 host) the eager formula cost the host 735-915 us, `rms_norm_triton` through its
+      custom op and Triton's launcher 935-1191 us, `F.rms_norm` 243-321 us, its dispatch being C++; in inference
+      95 us a call for the custom op (benchmarks/RESULTS.md, "Fused RMSNorm").
+    - inference in a CUDA graph capture or under torch.compile, and eager inference with mixed dtypes: the Triton
+      kernels (`rms_norm_triton`), one launch with the residual add fused in and the reference's rounding kept
+      exactly; host cost is paid once there.
+    - training under torch.compile: the reference, which inductor fuses with the ops around it.
+    The reference in every other case (CPU, meta, float64, mixed dtypes in eager training, mismatched shapes).
     Differentiable in x, weight and residual either way (`rms_norm_triton` itself is, for its tests).
     """
     if not _fused_tier_takes(x, weight, residual, backend):
         return rms_norm_ref(x, weight, eps, residual)
-    records_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, residual))
-    if not records_grad:
-        if rms_norm_triton is not None and x.shape[-1] <= MAX_HIDDEN:
-            return rms_norm_triton(x, weight, eps, residual)
-    elif not torch.compiler.is_compiling() and all(t.dtype == x.dtype for t in (weight, residual) if t is not None):
+    records_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual))
+    one_dtype = all(t.dtype == x.dtype for t in (weight, residual) if t is not None)
+    kernel_fits = not records_grad and rms_norm_triton is not None and x.shape[-1] <= MAX_HIDDEN
+    if torch.compiler.is_compiling():
+        return rms_norm_triton(x, weight, eps, residual) if kernel_fits else rms_norm_ref(x, weight, eps, residual)
+    if kernel_fits and (not one_dtype or _in_graph_capture(x)):
+        return rms_norm_triton(x, weight, eps, residual)
+    if one_dtype:
         return _torch_fused_rms_norm(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

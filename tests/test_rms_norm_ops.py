@@ -98,29 +98,33 @@ def test_mixed_dtypes_follow_type_promotion(small_tiles, x_dtype, weight_dtype, 
     check_against_reference((2, 7, 48), x_dtype, residual_dtype is not None, False, weight_dtype, residual_dtype)
 
 
-def training_norm(x, weight, eps, residual):
-    """The path `rms_norm` takes when it records a gradient: torch's fused norm after the residual add."""
-    assert x.requires_grad
+def eager_norm(x, weight, eps, residual):
+    """The path `rms_norm` takes in eager mode for tensors of one dtype: torch's fused norm after the residual add."""
     return rms_norm(x, weight, eps, residual, backend="triton")
+
+
+def spy_on(monkeypatch, module, name):
+    """Replaces `module.name` with a wrapper that records each call; returns the list of calls."""
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(args) or original(*args))
+    return calls
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("residual", [False, True], ids=["norm", "residual+norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_training_path_equals_reference(monkeypatch, dtype, residual, strided):
-    """Recording a gradient, the fused tier runs torch's `F.rms_norm` (one rounding step from the reference), and
-    its gradients are those of the float64 reference."""
-    calls = []
-    fused = torch.nn.functional.rms_norm
-    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *args: calls.append(1) or fused(*args))
+def test_eager_path_equals_reference(monkeypatch, dtype, residual, strided):
+    """Eager, the fused tier runs torch's `F.rms_norm` (one rounding step from the reference), and its gradients are
+    those of the float64 reference."""
+    calls = spy_on(monkeypatch, torch.nn.functional, "rms_norm")
     monkeypatch.setattr(rms_norm_ops, "rms_norm_triton", None)  # would it run, the call would fail
-    check_against_reference((3, 5, 100), dtype, residual, strided, norm=training_norm)
+    check_against_reference((3, 5, 100), dtype, residual, strided, norm=eager_norm)
     assert len(calls) == 1
 
 
-def test_training_path_keeps_the_reference_elsewhere(monkeypatch):
-    """Mixed dtypes (the reference's type promotion), backend="torch" and torch.compile's tracing keep the
-    reference formula while recording a gradient."""
+def test_training_keeps_the_reference_elsewhere(monkeypatch):
+    """Recording a gradient, mixed dtypes (the reference's type promotion), backend="torch" and torch.compile's
+    tracing keep the reference formula."""
     monkeypatch.setattr(torch.nn.functional, "rms_norm", None)  # would it run, the call would fail
     x = torch.randn(3, 8, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.ones(8, device=DEVICE, requires_grad=True)
@@ -148,22 +152,25 @@ def test_frozen_weight_gets_no_gradient():
 
 
 def test_dispatch(monkeypatch):
-    """The kernel for float CUDA tensors unless backend="torch" (CPU ones in the interpreter for backend="triton"
-    only, as for the Mamba ops); the reference for anything else, with the reference's results."""
-    calls = []
-
-    def spy(*args):
-        calls.append(args[0].dtype)
-        return triton_rms_norm.rms_norm_triton(*args)
-
-    monkeypatch.setattr(rms_norm_ops, "rms_norm_triton", spy)
+    """For float CUDA tensors unless backend="torch" (CPU ones in the interpreter for backend="triton" only, as for
+    the Mamba ops): torch's fused norm in eager calls, the Triton kernel in inference inside a CUDA graph capture and
+    for mixed dtypes; the reference for anything else, with the reference's results."""
+    kernel_calls = spy_on(monkeypatch, rms_norm_ops, "rms_norm_triton")
+    torch_calls = spy_on(monkeypatch, torch.nn.functional, "rms_norm")
     x, weight = torch.randn(3, 8, device=DEVICE), torch.ones(8, device=DEVICE)
     rms_norm(x, weight, EPS, backend="triton")
-    assert calls == [torch.float32]
+    assert (len(torch_calls), len(kernel_calls)) == (1, 0)
+    rms_norm(x.bfloat16(), weight, EPS, backend="triton")  # bf16 input, float32 weight
+    assert (len(torch_calls), len(kernel_calls)) == (1, 1)
+    monkeypatch.setattr(rms_norm_ops, "_in_graph_capture", lambda x: True)
+    rms_norm(x, weight, EPS, backend="triton")
+    assert (len(torch_calls), len(kernel_calls)) == (1, 2)
     assert torch.equal(rms_norm(x, weight, EPS, backend="torch"), rms_norm_ref(x, weight, EPS))
     rms_norm(x, weight, EPS, backend="auto")
-    assert len(calls) == (2 if DEVICE == "cuda" else 1), "on CPU, 'auto' means the reference (the interpreter is slow)"
-    calls.clear()
+    on_gpu = 1 if DEVICE == "cuda" else 0  # on CPU, 'auto' means the reference (the interpreter is slow)
+    assert (len(torch_calls), len(kernel_calls)) == (1, 2 + on_gpu)
+    kernel_calls.clear()
+    torch_calls.clear()
     for args in [
         (x.double(), weight.double()),  # float64
         (x.to("meta"), weight.to("meta")),  # meta device (accelerate's offload, init_empty_weights)
@@ -175,7 +182,7 @@ def test_dispatch(monkeypatch):
         expected = rms_norm_ref(args[0], args[1], EPS, args[2] if len(args) > 2 else None)
         for out, ref in zip(*[(r,) if isinstance(r, torch.Tensor) else r for r in (result, expected)]):
             assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
-    assert calls == []
+    assert kernel_calls == [] and torch_calls == []
     with pytest.raises(ValueError, match="residual has shape"):
         triton_rms_norm.rms_norm_triton(x, weight, EPS, x[:1])
     with pytest.raises(TypeError, match="kernel_backend='torch'"):
@@ -265,15 +272,17 @@ def loss_and_grads(model, input_ids):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_model_with_fused_norms_equals_torch_tier(monkeypatch, dtype):
-    calls = []
-    monkeypatch.setattr(rms_norm_ops, "rms_norm_triton",
-                        lambda *args: calls.append(1) or triton_rms_norm.rms_norm_triton(*args))
+    """Training eager (torch's fused norm) and inference as in a captured decode step (the kernel), against the
+    torch tier, which runs neither."""
+    monkeypatch.setattr(rms_norm_ops, "_in_graph_capture", lambda x: True)
+    kernel_calls = spy_on(monkeypatch, rms_norm_ops, "rms_norm_triton")
+    torch_calls = spy_on(monkeypatch, torch.nn.functional, "rms_norm")
     fused, plain = model_pair(dtype)
     input_ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     logits, grads = loss_and_grads(fused, input_ids)
-    fused_calls = len(calls)
+    counts = (len(torch_calls), len(kernel_calls))
     expected_logits, expected_grads = loss_and_grads(plain, input_ids)
-    assert fused_calls > 0 and len(calls) == fused_calls, "the kernel runs in the fused model, never on the torch tier"
+    assert min(counts) > 0 and (len(torch_calls), len(kernel_calls)) == counts, "fused norms in the fused model only"
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert relative_error(logits, expected_logits) < tolerance
     assert grads.keys() == expected_grads.keys()
