@@ -33,11 +33,12 @@ CONFIGS = {
         attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
         num_attention_heads=16, num_key_value_heads=4, mamba_d_state=16,
     ),
-    # mamba-ssm's dense hybrid: the same stack with one MLP per layer
+    # mamba-ssm's dense hybrid: the same stack with one MLP per layer, and its Mamba1 mixer, which has no dt / B / C
+    # norms (Jamba's `mamba_inner_layernorms`)
     "dense": dict(
         vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, attn_layer_period=8,
         attn_layer_offset=4, num_experts=1, num_experts_per_tok=1, num_attention_heads=16, num_key_value_heads=4,
-        mamba_d_state=16,
+        mamba_d_state=16, mamba_inner_layernorms=False,
     ),
 }
 
