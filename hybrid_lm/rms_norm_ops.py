@@ -72,6 +72,8 @@ def _torch_fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, res
     rounds the normalized value first): within one rounding step of the reference."""
     total = x if residual is None else x + residual
     out = F.rms_norm(total, (total.shape[-1],), weight, eps)
+    if out.dtype != total.dtype:  # CUDA autocast runs rms_norm in float32; the reference keeps the inputs' dtype
+        out = out.to(total.dtype)
     return out if residual is None else (out, total)
 
 

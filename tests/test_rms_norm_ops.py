@@ -122,6 +122,19 @@ def test_eager_path_equals_reference(monkeypatch, dtype, residual, strided):
     assert len(calls) == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eager_path_keeps_the_dtype_under_autocast():
+    """CUDA autocast runs torch's rms_norm in float32; the norm still returns the reference's dtype and values."""
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, total = rms_norm(x, weight, EPS, x, backend="auto")
+        expected, expected_total = rms_norm_ref(x, weight, EPS, x)
+    assert out.dtype == expected.dtype == torch.bfloat16 and torch.equal(total, expected_total)
+    torch.testing.assert_close(out, expected, rtol=OUT_RTOL[torch.bfloat16], atol=1e-6)
+
+
 def test_training_keeps_the_reference_elsewhere(monkeypatch):
     """Recording a gradient, mixed dtypes (the reference's type promotion), backend="torch" and torch.compile's
     tracing keep the reference formula."""
