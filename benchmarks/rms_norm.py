@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hybrid_lm.rms_norm_ops import _torch_fused_rms_norm, rms_norm_ref
+from hybrid_lm.rms_norm_ops import rms_norm_torch_fused, rms_norm_ref
 
 EPS = 1e-6
 DEFAULT_SHAPES = [(8192, 1024), (16384, 4096)]
@@ -97,7 +97,7 @@ def benchmark_rms_norm(shapes=DEFAULT_SHAPES, dtype=torch.bfloat16, reps: int = 
         raise SystemExit(f"benchmarks/rms_norm.py needs triton for the kernels: {error} (pip install triton)") from None
     implementations = {
         "torch reference": rms_norm_ref,
-        "torch F.rms_norm": _torch_fused_rms_norm,
+        "torch F.rms_norm": rms_norm_torch_fused,
         "triton": rms_norm_triton,
         "torch.compile(reference)": torch.compile(rms_norm_ref, dynamic=False),
     }

@@ -66,7 +66,7 @@ def _fused_tier_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Ten
     )
 
 
-def _torch_fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
+def rms_norm_torch_fused(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
     """`rms_norm_ref`'s contract through torch's own fused RMSNorm (`F.rms_norm`: one kernel forward, one backward
     on CUDA), for tensors of one dtype. Its output is rounded once, after the product with the weight (the reference
     rounds the normalized value first): within one rounding step of the reference."""
@@ -105,10 +105,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     records_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual))
     one_dtype = all(t.dtype == x.dtype for t in (weight, residual) if t is not None)
     kernel_fits = not records_grad and rms_norm_triton is not None and x.shape[-1] <= MAX_HIDDEN
-    if torch.compiler.is_compiling():
-        return rms_norm_triton(x, weight, eps, residual) if kernel_fits else rms_norm_ref(x, weight, eps, residual)
-    if kernel_fits and (not one_dtype or _in_graph_capture(x)):
+    compiling = torch.compiler.is_compiling()
+    if kernel_fits and (compiling or not one_dtype or _in_graph_capture(x)):
         return rms_norm_triton(x, weight, eps, residual)
-    if one_dtype:
-        return _torch_fused_rms_norm(x, weight, eps, residual)
+    if one_dtype and not compiling:
+        return rms_norm_torch_fused(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
