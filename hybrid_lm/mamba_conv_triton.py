@@ -263,27 +263,28 @@ def _block_k(width: int) -> int:
     return triton.next_power_of_2(max(width - 1, 1))
 
 
-# ----------------------------------------------------------------------------- custom ops (launchers) + autograd
-# Every call goes through these ops, in eager mode as under torch.compile and CUDA-graph capture (see the scan's).
+# ----------------------------------------------------------------------------- custom ops (launchers)
+# Custom ops for torch.compile and CUDA-graph capture, autograd in a `torch.autograd.Function`: see the scan's.
 
 
 @torch.library.custom_op(f"{_NS}::causal_conv1d_fwd", mutates_args=())
 def _causal_conv1d_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
-    seq_idx: torch.Tensor | None, silu: bool, block_d: int, block_l: int, num_warps: int,
+    seq_idx: torch.Tensor | None, silu: bool, with_final_state: bool, block_d: int, block_l: int, num_warps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns out (B, D, L) and the final state (B, D, K - 1), both in x's dtype."""
+    """Returns out (B, D, L) and the final state (B, D, K - 1), both in x's dtype; the final state is empty
+    unless `with_final_state`."""
     batch, channels, length = x.shape
     width = weight.shape[1]
     x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
                                          for t in (x, weight, initial_state, seq_idx))
     out = x.new_empty(x.shape)
-    final_state = x.new_empty(batch, channels, width - 1)
+    final_state = x.new_empty(batch, channels, width - 1) if with_final_state else x.new_empty(0)
     _conv_fwd_kernel[(triton.cdiv(length, block_l), triton.cdiv(channels, block_d), batch)](
         x, weight, bias, initial_state, seq_idx, out, channels, length,
         WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
     )
-    if width > 1:
+    if with_final_state and width > 1:
         _conv_final_state_kernel[(triton.cdiv(channels, block_d), batch)](
             x, initial_state, seq_idx, final_state, channels, length,
             WIDTH=width, BLOCK_D=block_d, BLOCK_K=_block_k(width), num_warps=num_warps,
@@ -292,8 +293,9 @@ def _causal_conv1d_fwd(
 
 
 @_causal_conv1d_fwd.register_fake
-def _(x, weight, bias, initial_state, seq_idx, silu, block_d, block_l, num_warps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1)
+def _(x, weight, bias, initial_state, seq_idx, silu, with_final_state, block_d, block_l, num_warps):
+    final_state = x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1) if with_final_state else x.new_empty(0)
+    return x.new_empty(x.shape), final_state
 
 
 @torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", mutates_args=())
@@ -329,24 +331,31 @@ def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu,
     return x.new_empty(x.shape), dinit, weight.new_empty(weight.shape, dtype=torch.float32), dbias
 
 
-def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, initial_state, seq_idx, silu, *tiles = inputs
-    ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
-    ctx.silu, ctx.tiles = silu, tiles
+class _CausalConv1dTriton(torch.autograd.Function):
+    """The conv's autograd: forward and backward through the two ops above. Returns out, and the final state
+    (B, D, K - 1) when `return_final_state`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, seq_idx, silu, tiles, return_final_state):
+        out, final_state = _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state,
+                                              *tiles)
+        ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
+        ctx.silu, ctx.tiles = silu, tiles
+        return (out, final_state) if return_final_state else out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final_state=None):
+        x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
+        dx, dinit, dweight, dbias = _causal_conv1d_bwd(
+            grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu, *ctx.tiles
+        )
+        return (
+            dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
+            dinit if initial_state is not None else None, None, None, None, None,
+        )
 
 
-def _conv_backward(ctx, grad_out, grad_final_state):
-    x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
-    dx, dinit, dweight, dbias = _causal_conv1d_bwd(
-        grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu, *ctx.tiles
-    )
-    return (
-        dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
-        dinit if initial_state is not None else None, None, None, None, None, None,
-    )
-
-
-_causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+# ----------------------------------------------------------------------------- the decoding step
 
 
 @torch.library.custom_op(f"{_NS}::causal_conv1d_update", mutates_args=("conv_state",))
@@ -405,10 +414,8 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None,
     # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again
     x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
                                          for t in (x, weight, initial_state, seq_idx))
-    out, final_state = _causal_conv1d_fwd(
-        x, weight, bias, initial_state, seq_idx, activation is not None, *(tiles or ConvTiles())
-    )
-    return (out, final_state) if return_final_state else out
+    return _CausalConv1dTriton.apply(x, weight, bias, initial_state, seq_idx, activation is not None,
+                                     tiles or ConvTiles(), bool(return_final_state))
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):

@@ -366,9 +366,12 @@ def scan_tiles(length: int, max_chunk: int = 256, elements_per_warp: int = 512) 
     return ScanTiles(chunk, block_d, block_d)
 
 
-# ----------------------------------------------------------------------------- custom ops (launchers) + autograd
-# Every call goes through these ops, in eager mode as under torch.compile (which sees them as single nodes with
-# the fake implementations below) and CUDA-graph capture (they launch kernels and allocate, never synchronise).
+# ----------------------------------------------------------------------------- custom ops (launchers)
+# The launchers are custom ops, so torch.compile sees each as one node (with the fake implementations below) and
+# CUDA-graph capture records their launches (they allocate, never synchronise). Autograd is the
+# `torch.autograd.Function` further down, not a `register_autograd` on the op: the op's generated autograd wrapper
+# cost about 0.5 ms of host time per backward call on the H200 machine (benchmarks/RESULTS.md, "Host time of the
+# Mamba ops"), a Function about 0.1 ms, and torch.compile traces a Function as well.
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -380,10 +383,10 @@ def _selective_scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
     initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, delta_softplus: bool,
-    chunk: int, block_d: int, block_d_backward: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns out (B, D, L), the final state (B, D, N) float32 and the chunk-start states (B, nc + 1, N, D)
-    float32 the backward recomputes from. `block_d_backward` is read by the autograd registration only."""
+    chunk: int, block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns out (B, D, L) and the chunk-start states (B, nc + 1, N, D) float32, which the backward recomputes
+    from; slot nc is the final state."""
     batch, channels, length = u.shape
     d_state = A.shape[1]
     n_chunks = triton.cdiv(length, chunk)
@@ -400,15 +403,15 @@ def _selective_scan_fwd(
         channels, length, d_state,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
-    return out, states[:, -1].transpose(1, 2).contiguous(), states
+    return out, states
 
 
 @_selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, chunk, block_d, block_d_backward):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, chunk, block_d):
     batch, channels, length = u.shape
     d_state = A.shape[1]
     states = u.new_empty(batch, -(-length // chunk) + 1, d_state, channels, dtype=torch.float32)
-    return u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32), states
+    return u.new_empty(u.shape), states
 
 
 @torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
@@ -472,29 +475,43 @@ def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, 
     )
 
 
-def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, chunk, _, block_d_backward = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
-    ctx.delta_softplus, ctx.chunk, ctx.block_d_backward = delta_softplus, chunk, block_d_backward
-    ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
+# ----------------------------------------------------------------------------- autograd
 
 
-def _scan_backward(ctx, grad_out, grad_final_state, _grad_states):
-    u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _selective_scan_bwd(
-        grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, ctx.delta_softplus,
-        ctx.chunk, ctx.block_d_backward,
-    )
-    return (
-        du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-        dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
-        dbias.to(delta_bias.dtype) if delta_bias is not None else None,
-        dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None,
-        None, None, None, None, None,
-    )
+class _SelectiveScanTriton(torch.autograd.Function):
+    """The scan's autograd: forward and backward through the two ops above. Returns out, and the final state
+    (B, D, N) float32 when `return_final_state`."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, tiles,
+                return_final_state):
+        chunk, block_d, block_d_backward = tiles
+        out, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                                          delta_softplus, chunk, block_d)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, states)
+        ctx.delta_softplus, ctx.chunk, ctx.block_d_backward = delta_softplus, chunk, block_d_backward
+        ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
+        if not return_final_state:
+            return out
+        return out, states[:, -1].transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final_state=None):
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _selective_scan_bwd(
+            grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, ctx.delta_softplus,
+            ctx.chunk, ctx.block_d_backward,
+        )
+        return (
+            du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None,
+            dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None,
+            None, None, None, None,
+        )
 
 
-_selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+# ----------------------------------------------------------------------------- the decoding step
 
 
 @torch.library.custom_op(f"{_NS}::selective_state_update", mutates_args=("state",))
@@ -561,11 +578,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     chunk, block_d, block_d_backward = tiles or scan_tiles(length)
     # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again
     u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
-    out, final_state, _ = _selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
-        chunk, block_d, block_d_backward,
-    )
-    return (out, final_state) if return_final_state else out
+    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                                      bool(delta_softplus), (chunk, block_d, block_d_backward),
+                                      bool(return_final_state))
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

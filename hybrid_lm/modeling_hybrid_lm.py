@@ -1117,6 +1117,16 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         router_losses = output_router_logits or (self.training and labels is not None)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:  # else the model raises
+            # before the layers are queued: the check's host sync then waits for no forward on the GPU
+            _check_labels(labels, inputs.shape[:2], logits_to_keep)
+            targets = kwargs.get("shift_labels")
+            _check_label_ids(
+                labels[:, 1:] if targets is None else targets, self.vocab_size, kwargs.get("ignore_index", -100),
+                kwargs.get("num_items_in_batch"), kind="token id", limit="vocab_size", items="tokens to predict",
+                fix="check that the tokenizer matches the model (config.vocab_size) or resize the embeddings",
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1133,14 +1143,6 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"logits_to_keep ({logits_to_keep}) must be >= 0: the number of last positions to compute logits "
                 "for (0 = all), or a tensor of position indices"
-            )
-        if labels is not None:
-            _check_labels(labels, hidden_states.shape[:2], logits_to_keep)
-            targets = kwargs.get("shift_labels")
-            _check_label_ids(
-                labels[:, 1:] if targets is None else targets, self.vocab_size, kwargs.get("ignore_index", -100),
-                kwargs.get("num_items_in_batch"), kind="token id", limit="vocab_size", items="tokens to predict",
-                fix="check that the tokenizer matches the model (config.vocab_size) or resize the embeddings",
             )
         loss = logits = None
         if labels is not None and self.training and self.config.fused_loss and self._head_is_plain():

@@ -180,7 +180,8 @@ def test_decode_steps_tiny(dtype):
 
 
 def test_custom_ops_pass_opcheck():
-    """Schemas, fake implementations and autograd registrations agree with the real kernels."""
+    """Schemas and fake implementations agree with the real kernels, forward and backward ops alike (autograd is
+    the ops' `torch.autograd.Function`s, tested against the reference elsewhere)."""
     generator = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -188,16 +189,25 @@ def test_custom_ops_pass_opcheck():
 
     u, delta, z = rand(1, 3, 9), rand(1, 3, 9) * 0.5, rand(1, 3, 9)
     A, B, C = -torch.rand(3, 2, generator=generator).to(DEVICE), rand(1, 2, 9), rand(1, 2, 9)
-    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]], device=DEVICE)
-    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
-    scan_args = (u, delta, A, B, C, rand(3), z, rand(3), rand(1, 3, 2), seq_idx, True, 8, 4, 4)  # two chunks
+    D, bias, seq_idx = rand(3), rand(3), torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]], device=DEVICE)
+    tests = ("test_schema", "test_faketensor")
+    scan_args = (u, delta, A, B, C, D, z, bias, rand(1, 3, 2), seq_idx, True, 8, 4)  # two chunks
     torch.library.opcheck(mamba_scan_triton._selective_scan_fwd, scan_args, test_utils=tests)
-    conv_args = (u, rand(3, 4), rand(3), rand(1, 3, 3), seq_idx, True, *ConvTiles(block_l=8))
-    torch.library.opcheck(mamba_conv_triton._causal_conv1d_fwd, conv_args, test_utils=tests)
+    _, states = mamba_scan_triton._selective_scan_fwd(*scan_args)
+    for grad_final_state in (rand(1, 3, 2), None):
+        torch.library.opcheck(mamba_scan_triton._selective_scan_bwd, (
+            rand(1, 3, 9), grad_final_state, u, delta, A, B, C, D, z, bias, seq_idx, states, True, 8, 4),
+            test_utils=tests)
+    conv = (u, rand(3, 4), rand(3), rand(1, 3, 3), seq_idx, True)
+    for with_final_state in (True, False):
+        torch.library.opcheck(mamba_conv_triton._causal_conv1d_fwd, (*conv, with_final_state, *ConvTiles(block_l=8)),
+                              test_utils=tests)
+    torch.library.opcheck(mamba_conv_triton._causal_conv1d_bwd, (rand(1, 3, 9), rand(1, 3, 3), *conv,
+                                                                 *ConvTiles(block_l=8)), test_utils=tests)
     step_args = (rand(2, 3, 2), rand(2, 3), rand(2, 3), A, rand(2, 2), rand(2, 2), rand(3), rand(2, 3), rand(3), True)
-    torch.library.opcheck(mamba_scan_triton._selective_state_update, step_args, test_utils=tests[:2])
+    torch.library.opcheck(mamba_scan_triton._selective_state_update, step_args, test_utils=tests)
     torch.library.opcheck(mamba_conv_triton._causal_conv1d_update, (rand(2, 3), rand(2, 3, 3), rand(3, 4), rand(3), True),
-                          test_utils=tests[:2])
+                          test_utils=tests)
 
 
 def test_inputs_are_checked():
