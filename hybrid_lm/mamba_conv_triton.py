@@ -36,13 +36,20 @@ _NS = op_namespace(__name__)
 
 
 @triton.jit
-def _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, src, doc, channels, length,
+def _tile(ptr, strides, batch, offs_d, t):
+    """Pointers to [batch, offs_d, t] ([BLOCK_D, P]) of a (B, D, L) tensor of `strides` (b, d, l): x and dout
+    are read in any layout, such as the (B, L, D) one of the input projection's output."""
+    stride_b, stride_d, stride_l = strides
+    return ptr + batch * stride_b + offs_d.to(tl.int64)[:, None] * stride_d + t.to(tl.int64)[None, :] * stride_l
+
+
+@triton.jit
+def _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, src, doc, channels, length,
                 WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """x[batch, offs_d, src] as float32 [BLOCK_D, P], from initial_state where src < 0, zero where src is
     outside [-(K - 1), L) or (with seq_idx) belongs to another document than `doc` ([P])."""
     inside = (src >= 0) & (src < length)
-    rows = batch * channels * length + offs_d.to(tl.int64) * length
-    value = tl.load(x_ptr + rows[:, None] + src[None, :], mask=mask_d[:, None] & inside[None, :], other=0.0)
+    value = tl.load(_tile(x_ptr, x_strides, batch, offs_d, src), mask=mask_d[:, None] & inside[None, :], other=0.0)
     value = value.to(tl.float32)
     if HAS_INIT:
         before = (src < 0) & (src >= 1 - WIDTH)
@@ -74,12 +81,13 @@ _has_init_seq = {
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, out_ptr,
-    channels, length,
+    channels, length, stride_x_b, stride_x_d, stride_x_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """x, out: (B, D, L); weight: (D, K); bias: (D,); init: (B, D, K - 1); seq: (B, L); each of bias, init, seq
-    may be None. All contiguous."""
+    """x: (B, D, L) of strides stride_x_*; out: (B, D, L); weight: (D, K); bias: (D,); init: (B, D, K - 1);
+    seq: (B, L); each of bias, init, seq may be None. All but x contiguous."""
+    x_strides = (stride_x_b, stride_x_d, stride_x_l)
     batch = tl.program_id(2).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -91,8 +99,8 @@ def _conv_fwd_kernel(
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(WIDTH):
         w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-        x = _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t - (WIDTH - 1) + k, doc, channels,
-                        length, WIDTH, HAS_INIT, HAS_SEQ)
+        x = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, t - (WIDTH - 1) + k, doc,
+                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
         acc += w[:, None] * x
     if SILU:
         acc = acc * tl.sigmoid(acc)
@@ -105,31 +113,31 @@ def _conv_fwd_kernel(
 @triton.jit
 def _conv_final_state_kernel(
     x_ptr, init_ptr, seq_ptr, final_ptr,
-    channels, length,
+    channels, length, stride_x_b, stride_x_d, stride_x_l,
     WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """final: (B, D, K - 1), the last K - 1 inputs, zero where they belong to an earlier document than the last."""
+    x_strides = (stride_x_b, stride_x_d, stride_x_l)
     batch = tl.program_id(1).to(tl.int64)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_K)
     mask_d = offs_d < channels
     doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * j) if HAS_SEQ else None
-    value = _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, length - (WIDTH - 1) + j, doc, channels,
-                        length, WIDTH, HAS_INIT, HAS_SEQ)
+    value = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, length - (WIDTH - 1) + j, doc,
+                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
     final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
     tl.store(final_ptr + final_rows[:, None] + j[None, :], value.to(final_ptr.dtype.element_ty),
              mask=mask_d[:, None] & (j < WIDTH - 1)[None, :])
 
 
 @triton.jit
-def _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr, batch, offs_d, mask_d, s,
-                channels, length,
+def _input_grad(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dout_strides, dfinal_ptr, batch,
+                offs_d, mask_d, s, channels, length,
                 WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
                 HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr):
     """Gradient of the inputs at positions s ([P], may be negative: initial-state positions), and the
     pre-activation gradient at s itself (zero outside [0, L)). Input s feeds outputs s .. s + K - 1."""
-    rows = batch * channels * length + offs_d.to(tl.int64) * length
     src_doc = tl.load(seq_ptr + batch * length + tl.maximum(s, 0), mask=s < length, other=0) if HAS_SEQ else None
     bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
     grad = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
@@ -137,7 +145,8 @@ def _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal
     for j in tl.static_range(WIDTH):
         t = s + j  # the output that input s reaches through weight[:, K - 1 - j]
         valid = (t >= 0) & (t < length)
-        dout = tl.load(dout_ptr + rows[:, None] + t[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+        dout = tl.load(_tile(dout_ptr, dout_strides, batch, offs_d, t), mask=mask_d[:, None] & valid[None, :],
+                       other=0.0)
         grad_pre = dout.to(tl.float32)
         doc = tl.load(seq_ptr + batch * length + t, mask=valid, other=0) if HAS_SEQ else None
         if SILU:
@@ -146,7 +155,7 @@ def _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal
                 pre += bias[:, None]
             for k in tl.static_range(WIDTH):
                 w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-                pre += w[:, None] * _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d,
+                pre += w[:, None] * _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d,
                                                 t - (WIDTH - 1) + k, doc, channels, length, WIDTH, HAS_INIT, HAS_SEQ)
             grad_pre = grad_pre * _silu_grad(pre)
         if j == 0:
@@ -175,21 +184,23 @@ def _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal
 def _conv_bwd_kernel(
     x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr,
     dx_ptr, dinit_ptr, dweight_ptr, dbias_ptr,
-    channels, length,
+    channels, length, stride_x_b, stride_x_d, stride_x_l, stride_dout_b, stride_dout_d, stride_dout_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Inputs as in `_conv_fwd_kernel` plus dout (B, D, L) and dfinal (B, D, K - 1).
+    """Inputs as in `_conv_fwd_kernel` plus dout (B, D, L) of strides stride_dout_* and dfinal (B, D, K - 1).
     dx: (B, D, L); dinit: (B, D, K - 1); dweight: (B, nP, D, K) and dbias: (B, nP, D) float32 partial sums."""
+    x_strides = (stride_x_b, stride_x_d, stride_x_l)
+    dout_strides = (stride_dout_b, stride_dout_d, stride_dout_l)
     pid_l = tl.program_id(0)
     batch = tl.program_id(2).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < channels
     mask = mask_d[:, None] & (s < length)[None, :]
-    grad, grad_pre = _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr, batch,
-                                 offs_d, mask_d, s, channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ,
+    grad, grad_pre = _input_grad(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dout_strides,
+                                 dfinal_ptr, batch, offs_d, mask_d, s, channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ,
                                  HAS_DFINAL, SILU, BLOCK_D)
     rows = batch * channels * length + offs_d.to(tl.int64) * length
     tl.store(dx_ptr + rows[:, None] + s[None, :], grad.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -198,8 +209,8 @@ def _conv_bwd_kernel(
     doc = tl.load(seq_ptr + batch * length + s, mask=s < length, other=0) if HAS_SEQ else None
     partial = (batch * tl.num_programs(0) + pid_l) * channels + offs_d
     for k in tl.static_range(WIDTH):
-        x = _load_input(x_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, s - (WIDTH - 1) + k, doc, channels, length,
-                        WIDTH, HAS_INIT, HAS_SEQ)
+        x = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, s - (WIDTH - 1) + k, doc,
+                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
         tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(grad_pre * x, axis=1), mask=mask_d)
     if HAS_BIAS:
         tl.store(dbias_ptr + partial, tl.sum(grad_pre, axis=1), mask=mask_d)
@@ -208,8 +219,8 @@ def _conv_bwd_kernel(
     if HAS_INIT:
         if pid_l == 0:
             s_init = tl.arange(0, BLOCK_K) - (WIDTH - 1)
-            grad_init, _ = _input_grad(x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr, batch,
-                                       offs_d, mask_d, s_init, channels, length, WIDTH, HAS_BIAS, HAS_INIT,
+            grad_init, _ = _input_grad(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr,
+                                       dout_strides, dfinal_ptr, batch, offs_d, mask_d, s_init, channels, length, WIDTH, HAS_BIAS, HAS_INIT,
                                        HAS_SEQ, HAS_DFINAL, SILU, BLOCK_D)
             init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1) + (WIDTH - 1)
             tl.store(dinit_ptr + init_rows[:, None] + s_init[None, :], grad_init.to(dinit_ptr.dtype.element_ty),
@@ -276,17 +287,17 @@ def _causal_conv1d_fwd(
     unless `with_final_state`."""
     batch, channels, length = x.shape
     width = weight.shape[1]
-    x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
-                                         for t in (x, weight, initial_state, seq_idx))
+    # x is read in its own layout (the mixer hands over a (B, L, D) view of the input projection); the rest is small
+    weight, initial_state, seq_idx = (t.contiguous() if t is not None else None for t in (weight, initial_state, seq_idx))
     out = x.new_empty(x.shape)
     final_state = x.new_empty(batch, channels, width - 1) if with_final_state else x.new_empty(0)
     _conv_fwd_kernel[(triton.cdiv(length, block_l), triton.cdiv(channels, block_d), batch)](
-        x, weight, bias, initial_state, seq_idx, out, channels, length,
+        x, weight, bias, initial_state, seq_idx, out, channels, length, *x.stride(),
         WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
     )
     if with_final_state and width > 1:
         _conv_final_state_kernel[(triton.cdiv(channels, block_d), batch)](
-            x, initial_state, seq_idx, final_state, channels, length,
+            x, initial_state, seq_idx, final_state, channels, length, *x.stride(),
             WIDTH=width, BLOCK_D=block_d, BLOCK_K=_block_k(width), num_warps=num_warps,
         )
     return out, final_state
@@ -307,9 +318,8 @@ def _causal_conv1d_bwd(
     """Returns dx, d(initial_state) (empty when it is None), dweight and dbias (float32; empty when None)."""
     batch, channels, length = x.shape
     width = weight.shape[1]
-    x, weight, initial_state, seq_idx, grad_out, grad_final_state = (
-        t.contiguous() if t is not None else None
-        for t in (x, weight, initial_state, seq_idx, grad_out, grad_final_state)
+    weight, initial_state, seq_idx, grad_final_state = (
+        t.contiguous() if t is not None else None for t in (weight, initial_state, seq_idx, grad_final_state)
     )
     n_blocks = triton.cdiv(length, block_l)
     dx = x.new_empty(x.shape)
@@ -318,7 +328,7 @@ def _causal_conv1d_bwd(
     dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, block_d), batch)](
         x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state,
-        dx, dinit, dweight, dbias, channels, length,
+        dx, dinit, dweight, dbias, channels, length, *x.stride(), *grad_out.stride(),
         WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=_block_k(width), num_warps=num_warps,
     )
     return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
@@ -397,8 +407,8 @@ def _check_conv_inputs(op, x, weight, bias, activation, **tensors):
 def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,
                          return_final_state=False, tiles: ConvTiles | None = None):
     """The causal depthwise convolution over a whole sequence: `mamba_conv_ref.causal_conv1d_ref`'s arguments,
-    shapes and results, differentiable in x, weight, bias and initial_state. `tiles`: the kernels' tile sizes, None
-    takes `ConvTiles()`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
+    shapes and results, differentiable in x, weight, bias and initial_state; x (and its gradient) may have any
+    strides. `tiles`: the kernels' tile sizes, None takes `ConvTiles()`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
     _check_conv_inputs("causal_conv1d_triton", x, weight, bias, activation, initial_state=initial_state)
     if x.dim() != 3 or x.shape[1] != weight.shape[0] or x.shape[2] == 0:
         raise ValueError(
@@ -411,9 +421,9 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None,
         )
     if seq_idx is not None and tuple(seq_idx.shape) != (batch, length):
         raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(batch, length)}")
-    # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again
-    x, weight, initial_state, seq_idx = (t.contiguous() if t is not None else None
-                                         for t in (x, weight, initial_state, seq_idx))
+    # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again.
+    # x stays in its layout: the kernels read any strides.
+    weight, initial_state, seq_idx = (t.contiguous() if t is not None else None for t in (weight, initial_state, seq_idx))
     return _CausalConv1dTriton.apply(x, weight, bias, initial_state, seq_idx, activation is not None,
                                      tiles or ConvTiles(), bool(return_final_state))
 

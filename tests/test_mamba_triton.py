@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hybrid_lm import mamba_conv_triton, mamba_scan_triton
 from hybrid_lm.mamba_conv_ref import causal_conv1d_ref, causal_conv1d_update_ref
@@ -27,6 +28,18 @@ from hybrid_lm.mamba_scan_triton import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+class RecordedOps(TorchDispatchMode):
+    """The names of the aten / custom ops called inside the block (a custom op counts as one)."""
+
+    def __enter__(self):
+        self.names = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -172,6 +185,37 @@ def test_selective_scan_tiny(short_chunks, batch, channels, length, d_state, dty
 )
 def test_causal_conv1d_tiny(short_chunks, batch, channels, length, width, dtype, options):
     check_conv(batch, channels, length, width, dtype, **options, **short_chunks[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv1d_reads_the_input_projections_layout(short_chunks, dtype):
+    """The mixer hands the conv x as a (B, D, L) view of the (B, L, 2D) input projection (channel stride 1), and
+    its gradient may arrive in that layout too: the kernels read both through their strides, without copies."""
+    generator = torch.Generator().manual_seed(0)
+    batch, channels, length, width = 2, 6, 21, 4
+    projection = torch.randn(batch, length, 2 * channels, generator=generator).to(DEVICE, dtype)
+    weight, bias = (torch.randn(*shape, generator=generator).to(DEVICE, dtype) for shape in ((channels, width), (channels,)))
+    grad_out = torch.randn(batch, length, channels, generator=generator).to(DEVICE, dtype).transpose(1, 2)
+    seq_idx = documents(batch, length, generator)
+
+    recorded = RecordedOps()
+
+    def run(fn, cast):
+        leaf = cast(projection).requires_grad_()
+        x = leaf[..., :channels].transpose(1, 2)  # (B, D, L), strides (2DL, 1, 2D)
+        weight_, bias_ = cast(weight), cast(bias)
+        with recorded:
+            out = fn(x, weight_, bias_, seq_idx=seq_idx, activation="silu")
+        (out.double() * grad_out.double()).sum().backward()
+        return out, leaf.grad
+
+    out, grad = run(functools.partial(causal_conv1d_triton, **short_chunks[1]), lambda t: t.detach().clone())
+    assert not {"aten.clone.default", "aten.copy_.default"} & recorded.names, recorded.names  # x was not copied
+    ref_out, ref_grad = run(causal_conv1d_ref, lambda t: t.detach().double())
+    assert out.is_contiguous()
+    assert_close("out", out, ref_out, dtype)
+    assert_close("dx", grad[..., :channels], ref_grad[..., :channels], dtype)
+    assert not grad[..., channels:].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
