@@ -179,6 +179,10 @@ def _why_not_static(model) -> str | None:
     devices = set(getattr(model, "hf_device_map", {}).values())
     if len(devices) > 1 or devices & {"cpu", "disk"}:
         return f"the model is spread over {sorted(map(str, devices))} (device_map)"
+    if "sliding_attention" in model.config.layer_types:
+        # transformers' StaticSlidingWindowLayer branches on a Python int (how full the window is) at every step:
+        # a recorded graph would replay one branch, and compiling the step recompiles as the int changes
+        return "its sliding-window attention layers keep their fill level in a Python int, which a CUDA graph cannot replay"
     return None
 
 

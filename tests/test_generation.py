@@ -24,6 +24,8 @@ LAYOUTS = {
     "all-mamba": dict(layers_block_type=["mamba"] * 4),
     "all-attention": dict(layers_block_type=["attention"] * 4, use_rope=True, sliding_window=6),
 }
+# what the graph loop decodes: sliding-window models take the dynamic cache on CUDA (generation_hybrid_lm)
+GRAPH_LAYOUTS = {**LAYOUTS, "all-attention": dict(layers_block_type=["attention"] * 4, use_rope=True)}
 
 
 def prompt(batch=2, length=9, seed=0, vocab=97):
@@ -236,7 +238,9 @@ def test_kept_static_cache_gives_the_dynamic_cache_tokens(layout, mode, kept_sta
         torch.manual_seed(7)
         runs.append(model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8,
                                    cache_implementation=cache, **STATIC_MODES[mode]))
-    assert len(model.static_decoding_caches) == 1
+    # sliding-window layers decode from the dynamic cache: transformers' static window layer keeps a Python int
+    # that a CUDA graph cannot replay (generation_hybrid_lm._why_not_static)
+    assert len(model.static_decoding_caches) == (0 if "sliding_window" in LAYOUTS[layout] else 1)
     torch.testing.assert_close(runs[1], runs[0])
     torch.testing.assert_close(runs[2], runs[0])
 
@@ -300,11 +304,11 @@ def _eos_ending_rows_at_different_steps(model, input_ids, attention_mask, n):
     return sorted({free[row, 2 + 3 * row].item() for row in range(len(free))})
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", GRAPH_LAYOUTS)
 def test_graph_loop_stops_rows_at_eos_as_transformers_does(layout, kept_static_caches):
     """Rows that hit EOS get padding, and the call ends when all have: the same sequences (and length) as
     transformers' loop over the dynamic cache, with the scores and raw logits of every step."""
-    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    model = tiny_model(**GRAPH_LAYOUTS[layout], **NO_EOS)
     input_ids = prompt(batch=3, length=8)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :2] = 0
