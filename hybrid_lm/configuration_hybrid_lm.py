@@ -10,6 +10,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .loading_checks import local_folder, read_json_file
+from .tensor_parallel_hybrid_lm import CHANNEL_SHARD
 
 LAYER_TYPES = ("attention", "mamba")
 # Written into every saved config.json, so trust_remote_code finds each Auto class in the copied code.
@@ -91,9 +92,9 @@ class HybridLMConfig(PreTrainedConfig):
     #   The per-channel conv1d, dt_proj (weight and bias), A_log and D are sharded alike; the mixer reads the tensors
     #   it uses outside their modules' forwards as this rank's shards (`_local`, `_module_tensors`). x_proj reads every
     #   channel and outputs dt/B/C, so it is row-wise (an all-reduce gives every rank the full dt, B and C); out_proj
-    #   is row-wise. conv1d's weight is (d_inner, 1, d_conv): `grouped_gemm` is the style that shards a 3-D parameter
-    #   on dim 0 (column-wise would shard dim 1) in transformers 5.17 to 5.24; on a module without experts it does only
-    #   that. The conv and SSM states in the cache hold each rank's channels.
+    #   is row-wise. conv1d's weight is (d_inner, 1, d_conv), which column-wise would shard on dim 1: its style is
+    #   hybrid_lm's own (tensor_parallel_hybrid_lm.py), which shards dim 0. The conv and SSM states in the
+    #   cache hold each rank's channels.
     # - Experts stay replicated: they are per-expert nn.Linear modules that run as one grouped product on weights
     #   stacked outside the modules' forwards (feed_forward_hybrid_lm.py), which the per-module column/row-wise hooks
     #   would not reach. The router and norms are replicated; lm_head is column-wise with its output gathered
@@ -107,7 +108,7 @@ class HybridLMConfig(PreTrainedConfig):
         "layers.*.feed_forward.up_proj": "colwise",
         "layers.*.feed_forward.down_proj": "rowwise",
         "layers.*.mamba.in_proj": "packed_colwise",
-        "layers.*.mamba.conv1d.weight": "grouped_gemm",
+        "layers.*.mamba.conv1d.weight": CHANNEL_SHARD,
         "layers.*.mamba.conv1d.bias": "colwise",
         "layers.*.mamba.x_proj": "rowwise",
         "layers.*.mamba.dt_proj": "colwise",

@@ -356,20 +356,27 @@ class HybridLMMambaMixer(nn.Module):
 
         The cache layer holds the conv state (B, D, d_conv - 1), the last conv inputs, and the SSM state
         (B, D, N) in float32. Decoding (one token after a prefill) updates both in place; a prefill (or a chunk
-        of one) starts from them and writes back the final states the kernels return.
+        of one) starts from them and writes back the final states the kernels return. A cache that records its
+        past (transformers' assisted decoding, from 5.25 on, which crops rejected draft tokens off) keeps every
+        conv input and the SSM states after each of the last tokens it asks for: see `_scan_keeping_states`.
         """
         batch, length, _ = hidden_states.shape
         kernels = self.kernels_for(hidden_states.device)
         has_state = cache is not None and cache.has_previous_state(self.layer_idx)
         conv_state = compat.conv_state(cache, self.layer_idx) if has_state else None
         ssm_state = compat.recurrent_state(cache, self.layer_idx) if has_state else None
-        decoding = has_state and length == 1
+        recording = compat.records_past(cache, self.layer_idx)
+        if recording and conv_state is not None:  # the layer keeps every conv input so far: the last ones are the state
+            conv_state = conv_state[..., -(self.conv_kernel_size - 1) :].contiguous()
+        decoding = has_state and length == 1 and not recording
         token_mask = attention_mask[:, None, :].to(hidden_states.dtype) if attention_mask is not None else None
 
         # 1. input projection: conv input x and gate z, (B, D, L) each
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
         if token_mask is not None:
             x = x * token_mask
+        if recording:
+            cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
 
         # 2. causal depthwise conv + silu
         conv_weight, conv_bias = _module_tensors(self.conv1d, "weight", "bias")
@@ -378,11 +385,12 @@ class HybridLMMambaMixer(nn.Module):
             x = kernels.causal_conv1d_update(x[..., 0], conv_state, conv_weight, conv_bias, "silu")
             x = x[..., None]
         else:
+            storing = cache is not None and not recording
             conv_out = kernels.causal_conv1d(
                 x, conv_weight, conv_bias, initial_state=conv_state, seq_idx=seq_idx, activation="silu",
-                return_final_state=cache is not None,
+                return_final_state=storing,
             )
-            x, final_conv_state = conv_out if cache is not None else (conv_out, None)
+            x, final_conv_state = conv_out if storing else (conv_out, None)
         if token_mask is not None:
             x = x * token_mask
 
@@ -402,6 +410,11 @@ class HybridLMMambaMixer(nn.Module):
                 ssm_state, x[..., 0], time_step[..., 0], A, B[:, 0], C[:, 0],
                 D=_local(self.D), z=z[..., 0], dt_bias=dt_bias, dt_softplus=True,
             )[..., None]
+            compat.count_decoded_token(cache, self.layer_idx)
+        elif recording:
+            keep = min(compat.recurrent_states_to_keep(cache, self.layer_idx), length)
+            y, states = self._scan_keeping_states(kernels, x, time_step, A, B, C, z, dt_bias, ssm_state, keep)
+            cache.update_recurrent_state(states, self.layer_idx)
         else:
             scan_out = kernels.selective_scan(
                 x, time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=_local(self.D), z=z,
@@ -413,11 +426,37 @@ class HybridLMMambaMixer(nn.Module):
                 y, final_ssm_state = scan_out
                 # The conv state has exactly the width the cache layer keeps, so updating it (which appends
                 # and keeps the last d_conv - 1 columns) stores it as it is.
-                cache.update_conv_state(final_conv_state, self.layer_idx)
-                cache.update_recurrent_state(final_ssm_state, self.layer_idx)
+                compat.store_mamba_states(cache, self.layer_idx, final_conv_state, final_ssm_state, length)
 
         # 5. output projection
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
+
+    def _scan_keeping_states(self, kernels, x, time_step, A, B, C, z, dt_bias, ssm_state, keep: int):
+        """The scan of (B, D, L) inputs (B and C (B, L, N)) from `ssm_state` (None: zeros), with the SSM state
+        after each of the last `keep` tokens: the scan kernel up to them, then one recurrent step per token.
+
+        Returns y (B, D, L) and the states to store: a list of `keep` (B, D, N) float32 states (the last one
+        the final state), or the final state alone when `keep` is 0."""
+        length = x.shape[-1]
+        head = length - keep
+        outputs, state = [], ssm_state
+        if head > 0:
+            y_head, state = kernels.selective_scan(
+                x[..., :head], time_step[..., :head], A, B[:, :head].transpose(1, 2), C[:, :head].transpose(1, 2),
+                D=_local(self.D), z=z[..., :head], delta_bias=dt_bias, delta_softplus=True, initial_state=ssm_state,
+                return_final_state=True,
+            )
+            outputs.append(y_head)
+        state = state.clone() if state is not None else x.new_zeros(*x.shape[:2], A.shape[-1], dtype=torch.float32)
+        states = []
+        for t in range(head, length):  # a few draft tokens: the recurrent step writes `state` in place
+            y_t = kernels.selective_state_update(
+                state, x[..., t], time_step[..., t], A, B[:, t], C[:, t],
+                D=_local(self.D), z=z[..., t], dt_bias=dt_bias, dt_softplus=True,
+            )
+            outputs.append(y_t[..., None])
+            states.append(state.clone())
+        return torch.cat(outputs, dim=-1), states or state
 
 
 # ----------------------------------------------------------------------------- decoder layers

@@ -76,3 +76,41 @@ def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = N
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+
+
+# 4. Token counts of Mamba cache layers: from 5.25 on a linear-attention cache layer counts the tokens it has seen,
+#    and `Cache.get_seq_length()` (generate's count of what the cache holds) reads layer 0's count even when layer 0
+#    is a Mamba layer; up to 5.24 it read the first attention layer's. The layer adds the width of what
+#    `update_conv_state` gets (transformers' own mixers pass the whole conv input) and one per `increase_count` (their
+#    in-place decode step). Our mixer stores the kernels' final conv state instead, the last d_conv - 1 inputs with
+#    earlier documents of a packed row masked out, which the layer cannot rebuild from the input, so the count is
+#    corrected here. Goes (to plain update_conv_state / increase_count) when the minimum supported release is 5.25.
+def store_mamba_states(cache, layer_idx: int, conv_state, ssm_state, new_tokens: int) -> None:
+    """Stores a prefill's (or a prefill chunk's) final states in a linear-attention cache layer: the conv state
+    (B, D, d_conv - 1), the SSM state (B, D, N), and a count of `new_tokens` more tokens where the layer counts."""
+    cache.update_conv_state(conv_state, layer_idx)
+    cache.update_recurrent_state(ssm_state, layer_idx)
+    counted = getattr(cache.layers[layer_idx], "cumulative_length_linear", None)
+    if counted is not None:
+        counted.add_(new_tokens - conv_state.shape[-1])  # update_conv_state counted the state's width
+
+
+def count_decoded_token(cache, layer_idx: int) -> None:
+    """Counts the token a decode step wrote into a linear-attention cache layer's states in place."""
+    if hasattr(cache, "increase_count"):
+        cache.increase_count(layer_idx, 0)
+
+
+# 5. Assisted decoding (a draft model, prompt lookup): from 5.25 on transformers runs it for Mamba models. It has the
+#    cache record its past (`activate_past_recording(recurrent_states_to_keep=...)`); a recording Mamba layer then
+#    stores its whole conv input and the SSM state after each of the last `get_recurrent_states_to_keep` tokens, so
+#    that `crop` can take rejected draft tokens off. Up to 5.24 transformers refuses assisted decoding for a model
+#    with `_is_stateful`, and nothing records. Goes when the minimum supported release is 5.25.
+def records_past(cache, layer_idx: int) -> bool:
+    """Whether `cache`'s layer `layer_idx` records its past for assisted decoding (False for no cache)."""
+    return cache is not None and hasattr(cache, "get_recurrent_states_to_keep") and cache.is_recording_past(layer_idx)
+
+
+def recurrent_states_to_keep(cache, layer_idx: int) -> int:
+    """How many of the last SSM states a recording cache layer keeps (for as many draft tokens)."""
+    return cache.get_recurrent_states_to_keep(layer_idx) or 0

@@ -1,5 +1,6 @@
 """generate() in every mode a transformers user reaches for, against the invariants that must hold."""
 
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -113,6 +114,44 @@ def test_generation_continues_from_a_returned_cache(layout):
     assert isinstance(cache, DynamicCache)
     continued = model.generate(first.sequences, **{CACHE_NAME: cache}, max_new_tokens=6, do_sample=False)
     torch.testing.assert_close(continued, greedy(model, input_ids, n=11))
+
+
+# transformers runs assisted decoding for Mamba models from 5.25 on; before, it refuses models with `_is_stateful`
+ASSISTED_DECODING = hasattr(DynamicCache, "get_recurrent_states_to_keep")
+
+
+def _draft_of(model, noise: float, seed: int = 0):
+    """A copy of `model` with its weights perturbed: it agrees with the model on some draft tokens, not all. Drafts
+    of 4 tokens, none dropped for low confidence (a tiny random model is never confident)."""
+    draft = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * noise)
+    draft.generation_config.update(
+        assistant_confidence_threshold=0.0, num_assistant_tokens=4, num_assistant_tokens_schedule="constant"
+    )
+    return draft
+
+
+@pytest.mark.parametrize("layout", ["hybrid", "all-mamba"])
+def test_assisted_decoding_gives_the_greedy_tokens(layout, monkeypatch):
+    """Rejected draft tokens are cropped off the cache: the Mamba layers keep the states to roll back to. Drafts
+    from a perturbed copy of the model (accepted in part: checked through the crops) and from prompt lookup."""
+    model = tiny_model(**LAYOUTS[layout], **NO_EOS)
+    input_ids, repeating = prompt(batch=1), torch.tensor([[5, 6, 7, 8, 9] * 3])
+    drafts = [dict(assistant_model=_draft_of(model, noise=0.005)), dict(prompt_lookup_num_tokens=3)]
+    if not ASSISTED_DECODING:
+        for draft in drafts:
+            with pytest.raises(ValueError, match="stateful"):
+                greedy(model, input_ids, **draft)
+        return
+    crops = []
+    crop = DynamicCache.crop
+    monkeypatch.setattr(DynamicCache, "crop", lambda cache, n: (crops.append(-n), crop(cache, n))[1])
+    torch.testing.assert_close(greedy(model, input_ids, n=20, **drafts[0]), greedy(model, input_ids, n=20))
+    assert set(crops) & {1, 2, 3}  # drafts accepted in part: the cache rolled back to a state inside a forward
+    torch.testing.assert_close(greedy(model, repeating, n=20, **drafts[1]), greedy(model, repeating, n=20))
 
 
 def test_streamer_receives_every_new_token():
@@ -288,6 +327,21 @@ def test_kept_static_cache_stays_out_of_the_way(kept_static_caches, caplog):
     assert len(reasons) == 1 and "spread over ['cpu', 'disk']" in reasons[0]
     assert len(model.static_decoding_caches) == 0
     torch.testing.assert_close(offloaded, greedy(model, input_ids, cache_implementation="dynamic"))
+
+
+@pytest.mark.skipif(not ASSISTED_DECODING, reason="transformers runs assisted decoding of Mamba models from 5.25 on")
+def test_assisted_decoding_takes_the_dynamic_cache(kept_static_caches, caplog):
+    """The cache records its past for good: not one to keep for later calls."""
+    model = tiny_model(**NO_EOS)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            tokens = greedy(model, prompt(batch=1), prompt_lookup_num_tokens=2)
+    finally:
+        hf_logging.disable_propagation()
+    assert len(model.static_decoding_caches) == 0
+    assert any("because assisted decoding" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(tokens, greedy(model, prompt(batch=1), cache_implementation="dynamic"))
 
 
 def _graph_loop_steps(model) -> list:
