@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# appended: benchmarks/kernels.py must not hide the `kernels` package that bitsandbytes looks for
 sys.path += [str(ROOT / "benchmarks"), str(ROOT / "conversion"), str(ROOT / "examples")]
 
 import hybrid_lm  # noqa: E402

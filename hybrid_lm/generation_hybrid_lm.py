@@ -108,7 +108,8 @@ def static_decoding_kwargs(model, inputs, generation_config, kwargs: dict) -> di
         return None
 
     reason = _why_not_static(model)
-    if reason is None and config.get_generation_mode(kwargs.get("assistant_model")) == GenerationMode.ASSISTED_GENERATION:
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    if reason is None and mode == GenerationMode.ASSISTED_GENERATION:
         # transformers has the cache record its past (for good) to crop rejected draft tokens off: a kept cache would
         # go on recording in later calls, and a recording cache has no fixed addresses to replay graphs on
         reason = "assisted decoding has the cache record its past"

@@ -256,7 +256,7 @@ def _conv_update_kernel(
 
 class ConvTiles(NamedTuple):
     """Tile sizes of the conv kernels: each program owns BLOCK_D channels by BLOCK_L positions, run by `num_warps`
-    warps. The defaults were timed on an H100 (`python benchmarks/kernels.py --sweep`)."""
+    warps. The defaults were timed on an H100 (`python benchmarks/mamba_ops.py --sweep`)."""
 
     block_d: int = 16
     block_l: int = 128

@@ -381,7 +381,7 @@ def scan_tiles(length: int, max_chunk: int = 256, elements_per_warp: int = 512) 
     One warp per program keeps the scans along T and the backward's sums over channels inside a warp
     (shuffles, no shared memory or barriers). A tile holds `elements_per_warp` elements: two channels by
     T = 256 steps on long sequences, more channels on short ones. Chosen by timing alternatives on an
-    H100 (`python benchmarks/kernels.py --sweep`, figures in benchmarks/RESULTS.md).
+    H100 (`python benchmarks/mamba_ops.py --sweep`, figures in benchmarks/RESULTS.md).
     """
     chunk = min(max_chunk, max(16, triton.next_power_of_2(length)))
     block_d = max(1, elements_per_warp // chunk)

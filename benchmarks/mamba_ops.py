@@ -1,6 +1,6 @@
 """Mamba kernel timings on one GPU: hybrid_lm's Triton kernels vs mamba-ssm / causal-conv1d vs the torch reference.
 
-    python benchmarks/kernels.py [--sweep] [--skip-torch] [--markdown FILE]
+    python benchmarks/mamba_ops.py [--sweep] [--skip-torch] [--markdown FILE]
 
 Selective scan (bf16, with z, D, dt bias + softplus) forward and forward+backward at the shapes of
 issue #7, the causal conv1d (width 4, bias, silu), and the two decoding steps. Each time is the median
