@@ -28,7 +28,6 @@ except ImportError as error:
 
 from .custom_ops import given_flags, op_namespace, require_triton_dtypes
 from .mamba_conv_ref import activation_fn
-from .mamba_scan_triton import strided_tile
 
 _NS = op_namespace(__name__)
 
@@ -37,12 +36,20 @@ _NS = op_namespace(__name__)
 
 
 @triton.jit
+def _tile(ptr, strides, batch, offs_d, t):
+    """Pointers to [batch, offs_d, t] ([BLOCK_D, P]) of a (B, D, L) tensor of `strides` (b, d, l): x and dout
+    are read in any layout, such as the (B, L, D) one of the input projection's output."""
+    stride_b, stride_d, stride_l = strides
+    return ptr + batch * stride_b + offs_d.to(tl.int64)[:, None] * stride_d + t.to(tl.int64)[None, :] * stride_l
+
+
+@triton.jit
 def _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, src, doc, channels, length,
                 WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """x[batch, offs_d, src] as float32 [BLOCK_D, P], from initial_state where src < 0, zero where src is
     outside [-(K - 1), L) or (with seq_idx) belongs to another document than `doc` ([P])."""
     inside = (src >= 0) & (src < length)
-    value = tl.load(strided_tile(x_ptr, x_strides, batch, offs_d, src), mask=mask_d[:, None] & inside[None, :], other=0.0)
+    value = tl.load(_tile(x_ptr, x_strides, batch, offs_d, src), mask=mask_d[:, None] & inside[None, :], other=0.0)
     value = value.to(tl.float32)
     if HAS_INIT:
         before = (src < 0) & (src >= 1 - WIDTH)
@@ -138,7 +145,7 @@ def _input_grad(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_
     for j in tl.static_range(WIDTH):
         t = s + j  # the output that input s reaches through weight[:, K - 1 - j]
         valid = (t >= 0) & (t < length)
-        dout = tl.load(strided_tile(dout_ptr, dout_strides, batch, offs_d, t), mask=mask_d[:, None] & valid[None, :],
+        dout = tl.load(_tile(dout_ptr, dout_strides, batch, offs_d, t), mask=mask_d[:, None] & valid[None, :],
                        other=0.0)
         grad_pre = dout.to(tl.float32)
         doc = tl.load(seq_ptr + batch * length + t, mask=valid, other=0) if HAS_SEQ else None

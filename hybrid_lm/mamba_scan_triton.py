@@ -56,9 +56,9 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_dt(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Returns (dt after bias and softplus, zero where masked; dt before softplus)."""
-    raw = tl.load(delta_ptrs, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[:, None]
     dt = raw
@@ -71,11 +71,12 @@ def _load_dt(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
 def _program_rows(D_ptr, bias_ptr, channels, length, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """This program's batch row, channels offs_d ([BLOCK_D]) and their mask, the step offsets within a chunk
-    offs_j ([T]), and the channels' dt bias and D skip (float32)."""
+    offs_j ([T]), the channels' row offsets into (B, D, L) tensors, and their dt bias and D skip (float32)."""
     batch = tl.program_id(1).to(tl.int64)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_T)
     mask_d = offs_d < channels
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
     # zeros, not None, for an absent input: Triton's compiler (unlike its interpreter) rejects a None from `x if
     # FLAG else None` inside a called function; the kernels read them only under their flags
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -84,36 +85,29 @@ def _program_rows(D_ptr, bias_ptr, channels, length, HAS_D: tl.constexpr, HAS_BI
     skip = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_D:
         skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return batch, offs_d, offs_j, mask_d, bias, skip
+    return batch, offs_d, offs_j, mask_d, rows, bias, skip
 
 
 @triton.jit
-def strided_tile(ptr, strides, batch, offs_d, t):
-    """Pointers to [batch, offs_d, t] ([BLOCK_D, T]) of a (B, D, L) tensor of `strides` (b, d, l): the (B, D, L)
-    tensors are read and written in any layout, such as the (B, L, D) one of the mixer's projections."""
-    stride_b, stride_d, stride_l = strides
-    return ptr + batch * stride_b + offs_d.to(tl.int64)[:, None] * stride_d + t.to(tl.int64)[None, :] * stride_l
-
-
-@triton.jit
-def _load_chunk(u_ptr, u_strides, delta_ptr, delta_strides, batch, offs_d, offs_j, mask_d, chunk, length, bias,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Chunk `chunk` of a program's rows: its steps t and their mask ([T]), the tile's mask, and u and dt (after
-    bias and softplus) as float32 [BLOCK_D, T] tiles."""
+def _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Chunk `chunk` of a program's rows: its steps t and their mask ([T]), the tile's mask and offsets into the
+    (B, D, L) tensors, and u and dt (after bias and softplus) as float32 [BLOCK_D, T] tiles."""
     t = chunk * BLOCK_T + offs_j
     mask_t = t < length
     mask = mask_d[:, None] & mask_t[None, :]
-    u = tl.load(strided_tile(u_ptr, u_strides, batch, offs_d, t), mask=mask, other=0.0).to(tl.float32)
-    dt, _ = _load_dt(strided_tile(delta_ptr, delta_strides, batch, offs_d, t), mask, bias, HAS_BIAS, SOFTPLUS)
-    return t, mask_t, mask, u, dt
+    offsets = rows[:, None] + t[None, :]
+    u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dt, _ = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, SOFTPLUS)
+    return t, mask_t, mask, offsets, u, dt
 
 
 @triton.jit
-def _gate_grad(dout_ptr, dout_strides, z_ptr, z_strides, batch, offs_d, t, mask, HAS_Z: tl.constexpr):
+def _gate_grad(dout_ptr, z_ptr, offsets, mask, HAS_Z: tl.constexpr):
     """dL/dy from dL/dout, out = y * silu(z)."""
-    dout = tl.load(strided_tile(dout_ptr, dout_strides, batch, offs_d, t), mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
-        z = tl.load(strided_tile(z_ptr, z_strides, batch, offs_d, t), mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dout = dout * z * tl.sigmoid(z)
     return dout
 
@@ -151,17 +145,13 @@ def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     out_ptr, states_ptr,
     channels, length, d_state,
-    stride_u_b, stride_u_d, stride_u_l, stride_delta_b, stride_delta_d, stride_delta_l,
-    stride_z_b, stride_z_d, stride_z_l, stride_out_b, stride_out_d, stride_out_l,
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
-    """u, delta, z, out: (B, D, L) of strides stride_*; A: (N, D) float32 (transposed); B, C: (B, N, L);
-    D, bias: (D,) or None; seq: (B, L) or None; states: (B, nc + 1, N, D) float32 with slot 0 filled. All but u,
-    delta, z and out contiguous."""
-    u_strides, delta_strides = (stride_u_b, stride_u_d, stride_u_l), (stride_delta_b, stride_delta_d, stride_delta_l)
-    batch, offs_d, offs_j, mask_d, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
-                                                              BLOCK_D, BLOCK_T)
+    """u, delta, z, out: (B, D, L); A: (N, D) float32 (transposed); B, C: (B, N, L); D, bias: (D,) or None;
+    seq: (B, L) or None; states: (B, nc + 1, N, D) float32 with slot 0 filled. All contiguous."""
+    batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
+                                                                    BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
     n_chunks = tl.cdiv(length, BLOCK_T)
     slot_size = d_state * channels
@@ -169,8 +159,8 @@ def _scan_fwd_kernel(
     last = (offs_j == BLOCK_T - 1)[None, :]
 
     for chunk in range(n_chunks):
-        t, mask_t, mask, u, dt = _load_chunk(u_ptr, u_strides, delta_ptr, delta_strides, batch, offs_d, offs_j,
-                                             mask_d, chunk, length, bias, HAS_BIAS, SOFTPLUS, BLOCK_T)
+        t, mask_t, mask, offsets, u, dt = _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias,
+                                                      HAS_BIAS, SOFTPLUS, BLOCK_T)
         dtu = dt * u
         reset = _resets(seq_ptr, batch, t, length)[None, :] if HAS_SEQ else None
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
@@ -197,11 +187,9 @@ def _scan_fwd_kernel(
         if HAS_D:
             y += u * skip[:, None]
         if HAS_Z:
-            z = tl.load(strided_tile(z_ptr, (stride_z_b, stride_z_d, stride_z_l), batch, offs_d, t), mask=mask,
-                        other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(strided_tile(out_ptr, (stride_out_b, stride_out_d, stride_out_l), batch, offs_d, t),
-                 y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_scan_flags
@@ -210,22 +198,16 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, dout_ptr, states_ptr,
     adjoint_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     channels, length, d_state,
-    stride_u_b, stride_u_d, stride_u_l, stride_delta_b, stride_delta_d, stride_delta_l,
-    stride_z_b, stride_z_d, stride_z_l, stride_dout_b, stride_dout_d, stride_dout_l,
-    stride_du_b, stride_du_d, stride_du_l, stride_ddelta_b, stride_ddelta_d, stride_ddelta_l,
-    stride_dz_b, stride_dz_d, stride_dz_l,
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
-    """Inputs as in `_scan_fwd_kernel`, plus dout (B, D, L) of strides stride_dout_* and the forward's `states`.
+    """Inputs as in `_scan_fwd_kernel`, plus dout (B, D, L) and the forward's `states`.
     adjoint: (B, nc + 1, N, D) float32, slot nc filled with the final state's gradient; slot c gets
     dL/d(state before chunk c), so slot 0 ends as the initial state's gradient.
-    du, ddelta, dz: (B, D, L) of strides stride_d*_*, in the inputs' dtypes.  dB, dC: (B, N, L) float32, zeroed, added into.
+    du, ddelta, dz: (B, D, L) in the inputs' dtypes.  dB, dC: (B, N, L) float32, zeroed, added into.
     dA: (B, nc, N, D), dD, dbias: (B, D) float32 partial sums (dz, dD, dbias None when z, D, bias are)."""
-    u_strides, delta_strides = (stride_u_b, stride_u_d, stride_u_l), (stride_delta_b, stride_delta_d, stride_delta_l)
-    z_strides, dout_strides = (stride_z_b, stride_z_d, stride_z_l), (stride_dout_b, stride_dout_d, stride_dout_l)
-    batch, offs_d, offs_j, mask_d, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
-                                                              BLOCK_D, BLOCK_T)
+    batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
+                                                                    BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
     n_chunks = tl.cdiv(length, BLOCK_T)
     slot_size = d_state * channels
@@ -238,17 +220,16 @@ def _scan_bwd_kernel(
 
     for chunk_from_end in range(n_chunks):
         chunk = n_chunks - 1 - chunk_from_end
-        t, mask_t, mask, u, dt = _load_chunk(u_ptr, u_strides, delta_ptr, delta_strides, batch, offs_d, offs_j,
-                                             mask_d, chunk, length, bias, HAS_BIAS, SOFTPLUS, BLOCK_T)
+        t, mask_t, mask, offsets, u, dt = _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias,
+                                                      HAS_BIAS, SOFTPLUS, BLOCK_T)
         dtu = dt * u
         # the adjoint needs a_{t+1}: recompute it from delta one step ahead rather than shift a tile
         mask_next = mask_d[:, None] & (t + 1 < length)[None, :]
-        dt_next, _ = _load_dt(strided_tile(delta_ptr, delta_strides, batch, offs_d, t + 1), mask_next, bias, HAS_BIAS,
-                              SOFTPLUS)
+        dt_next, _ = _load_dt(delta_ptr, offsets + 1, mask_next, bias, HAS_BIAS, SOFTPLUS)
         if HAS_SEQ:
             reset = _resets(seq_ptr, batch, t, length)[None, :]
             reset_next = _resets(seq_ptr, batch, t + 1, length)[None, :]
-        g = _gate_grad(dout_ptr, dout_strides, z_ptr, z_strides, batch, offs_d, t, mask, HAS_Z)  # dL/dy, y = scan + D u
+        g = _gate_grad(dout_ptr, z_ptr, offsets, mask, HAS_Z)  # dL/dy, y = scan + D * u
         y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         d_dt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
         d_dtu = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)  # dL/d(dt * u) = sum_n lam * B
@@ -300,21 +281,18 @@ def _scan_bwd_kernel(
             dD_acc += tl.sum(g * u, axis=1)
         # dout, z and the raw dt are loaded again rather than kept in registers through the state loop
         if HAS_Z:
-            dout = tl.load(strided_tile(dout_ptr, dout_strides, batch, offs_d, t), mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(strided_tile(z_ptr, z_strides, batch, offs_d, t), mask=mask, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             z_sig = tl.sigmoid(z)
             dz = dout * y * z_sig * (1.0 + z * (1.0 - z_sig))
-            tl.store(strided_tile(dz_ptr, (stride_dz_b, stride_dz_d, stride_dz_l), batch, offs_d, t),
-                     dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if SOFTPLUS:
-            _, dt_raw = _load_dt(strided_tile(delta_ptr, delta_strides, batch, offs_d, t), mask, bias, HAS_BIAS, False)
+            _, dt_raw = _load_dt(delta_ptr, offsets, mask, bias, HAS_BIAS, False)
             d_dt = d_dt * tl.sigmoid(dt_raw)
         d_dt = tl.where(mask, d_dt, 0.0)
         dbias_acc += tl.sum(d_dt, axis=1)
-        tl.store(strided_tile(du_ptr, (stride_du_b, stride_du_d, stride_du_l), batch, offs_d, t),
-                 du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(strided_tile(ddelta_ptr, (stride_ddelta_b, stride_ddelta_d, stride_ddelta_l), batch, offs_d, t),
-                 d_dt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + offsets, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + offsets, d_dt.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
     if HAS_D:
         tl.store(dD_ptr + batch * channels + offs_d, dD_acc, mask=mask_d)
@@ -400,17 +378,6 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
-    return t.stride() if t is not None else (0, 0, 0)
-
-
-def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
-    """An empty dense tensor of t's shape and dtype with t's order of dimensions in memory (`empty_like` would
-    make a contiguous one for a slice such as the gate z, a view of the input projection's (B, L, 2D) output)."""
-    order = sorted(range(t.dim()), key=lambda dim: -t.stride(dim))  # outermost first
-    return t.new_empty([t.shape[dim] for dim in order]).permute([order.index(dim) for dim in range(t.dim())])
-
-
 @torch.library.custom_op(f"{_NS}::selective_scan_fwd", mutates_args=())
 def _selective_scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -423,17 +390,17 @@ def _selective_scan_fwd(
     batch, channels, length = u.shape
     d_state = A.shape[1]
     n_chunks = triton.cdiv(length, chunk)
-    B, C, seq_idx = (_contiguous(t) for t in (B, C, seq_idx))
+    u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
     A_t = A.float().t().contiguous()  # (N, D)
     states = torch.empty(batch, n_chunks + 1, d_state, channels, device=u.device, dtype=torch.float32)
     if initial_state is not None:
         states[:, 0] = initial_state.transpose(1, 2)
     else:
         states[:, 0] = 0.0
-    out = _empty_in_layout_of(z if z is not None else u)  # out = y * silu(z) shares z's layout
+    out = u.new_empty(u.shape)
     _scan_fwd_kernel[(triton.cdiv(channels, block_d), batch)](
         u, delta, A_t, B, C, D, z, delta_bias, seq_idx, out, states,
-        channels, length, d_state, *u.stride(), *delta.stride(), *_strides(z), *out.stride(),
+        channels, length, d_state,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
     return out, states
@@ -444,7 +411,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
     batch, channels, length = u.shape
     d_state = A.shape[1]
     states = u.new_empty(batch, -(-length // chunk) + 1, d_state, channels, dtype=torch.float32)
-    return _empty_in_layout_of(z if z is not None else u), states
+    return u.new_empty(u.shape), states
 
 
 @torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
@@ -460,15 +427,15 @@ def _selective_scan_bwd(
     batch, channels, length = u.shape
     d_state = A.shape[1]
     n_chunks = states.shape[1] - 1
-    B, C, seq_idx = (_contiguous(t) for t in (B, C, seq_idx))
+    u, delta, B, C, z, seq_idx, grad_out = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx, grad_out))
     A_t = A.float().t().contiguous()
     adjoint = states.new_empty(states.shape)
     if grad_final_state is not None:
         adjoint[:, -1] = grad_final_state.transpose(1, 2)
     else:
         adjoint[:, -1] = 0.0
-    du, ddelta = _empty_in_layout_of(u), _empty_in_layout_of(delta)
-    dz = _empty_in_layout_of(z) if z is not None else None
+    du, ddelta = u.new_empty(u.shape), delta.new_empty(delta.shape)
+    dz = z.new_empty(z.shape) if z is not None else None
     dB = torch.zeros(B.shape, device=u.device, dtype=torch.float32)
     dC = torch.zeros(C.shape, device=u.device, dtype=torch.float32)
     dA = torch.empty(batch, n_chunks, d_state, channels, device=u.device, dtype=torch.float32)
@@ -477,8 +444,7 @@ def _selective_scan_bwd(
     _scan_bwd_kernel[(triton.cdiv(channels, block_d), batch)](
         u, delta, A_t, B, C, D, z, delta_bias, seq_idx, grad_out, states,
         adjoint, du, ddelta, dz, dB, dC, dA, dD, dbias,
-        channels, length, d_state, *u.stride(), *delta.stride(), *_strides(z), *grad_out.stride(), *du.stride(),
-        *ddelta.stride(), *_strides(dz),
+        channels, length, d_state,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
 
@@ -500,10 +466,10 @@ def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, 
     d_state = A.shape[1]
     f32 = torch.float32
     return (
-        _empty_in_layout_of(u), _empty_in_layout_of(delta), A.new_empty(channels, d_state, dtype=f32),
+        u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(channels, d_state, dtype=f32),
         B.new_empty(B.shape, dtype=f32), C.new_empty(C.shape, dtype=f32),
         u.new_empty(channels if D is not None else 0, dtype=f32),
-        _empty_in_layout_of(z) if z is not None else u.new_empty(0),
+        z.new_empty(z.shape) if z is not None else u.new_empty(0),
         u.new_empty(channels if delta_bias is not None else 0, dtype=f32),
         u.new_empty(batch, channels, d_state, dtype=f32),
     )
@@ -591,9 +557,8 @@ def _check_shapes(expected: dict, context: str) -> None:
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
                           seq_idx=None, return_final_state=False, tiles: ScanTiles | None = None):
     """The fused selective scan: `mamba_scan_ref.selective_scan_ref`'s arguments, shapes and results (the final
-    state is float32), differentiable in every tensor but seq_idx. u, delta and z may have any strides; the output
-    takes z's order of dimensions in memory (u's without z), each gradient its input's. `tiles`: the kernels' tile
-    sizes, None takes `scan_tiles(L)`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
+    state is float32), differentiable in every tensor but seq_idx. `tiles`: the kernels' tile sizes, None takes
+    `scan_tiles(L)`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
     require_triton_dtypes("selective_scan_triton", u=u, delta=delta, B=B, C=C, z=z)
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
@@ -611,9 +576,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         raise TypeError(f"seq_idx must hold integer document ids, got {seq_idx.dtype}")
 
     chunk, block_d, block_d_backward = tiles or scan_tiles(length)
-    # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again.
-    # u, delta and z stay in their layouts: the kernels read any strides.
-    B, C, seq_idx = (_contiguous(t) for t in (B, C, seq_idx))
+    # contiguous here, not only inside the op: autograd then saves the copies, and the backward makes none again
+    u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
     return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                                       bool(delta_softplus), (chunk, block_d, block_d_backward),
                                       bool(return_final_state))
