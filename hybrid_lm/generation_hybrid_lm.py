@@ -139,7 +139,7 @@ def static_decoding_kwargs(model, inputs, generation_config, kwargs: dict) -> di
         base = copy.deepcopy(base)
         base.cache_implementation = None
     new_kwargs["generation_config"] = base if base is not model.generation_config else generation_config
-    reason = _why_not_graph_loop(config, kwargs, from_embeds)
+    reason = _why_not_graph_loop(config, mode, kwargs, from_embeds)
     if reason is None:
         # transformers hands a custom loop no streamer: it is bound here (generate still streams the prompt)
         new_kwargs["custom_generate"] = functools.partial(decode_with_graphs, streamer=kwargs.get("streamer"))
@@ -149,11 +149,10 @@ def static_decoding_kwargs(model, inputs, generation_config, kwargs: dict) -> di
     return new_kwargs
 
 
-def _why_not_graph_loop(config, kwargs: dict, from_embeds: bool) -> str | None:
+def _why_not_graph_loop(config, mode: GenerationMode, kwargs: dict, from_embeds: bool) -> str | None:
     """Why `decoding_hybrid_lm.decode_with_graphs` cannot run a call (merged generation config `config`, the
-    call's keyword arguments), or None when it can: greedy search and sampling, with any logits processors,
-    stopping criteria and streamer."""
-    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    call's generation mode and keyword arguments), or None when it can: greedy search and sampling, with any logits
+    processors, stopping criteria and streamer."""
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
         return f"the call asks for {mode.value.replace('_', ' ')}"
     if kwargs.get("custom_generate") is not None:

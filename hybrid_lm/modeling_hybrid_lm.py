@@ -424,8 +424,6 @@ class HybridLMMambaMixer(nn.Module):
             y = scan_out
             if cache is not None:
                 y, final_ssm_state = scan_out
-                # The conv state has exactly the width the cache layer keeps, so updating it (which appends
-                # and keeps the last d_conv - 1 columns) stores it as it is.
                 compat.store_mamba_states(cache, self.layer_idx, final_conv_state, final_ssm_state, length)
 
         # 5. output projection

@@ -87,7 +87,9 @@ def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = N
 #    corrected here. Goes (to plain update_conv_state / increase_count) when the minimum supported release is 5.25.
 def store_mamba_states(cache, layer_idx: int, conv_state, ssm_state, new_tokens: int) -> None:
     """Stores a prefill's (or a prefill chunk's) final states in a linear-attention cache layer: the conv state
-    (B, D, d_conv - 1), the SSM state (B, D, N), and a count of `new_tokens` more tokens where the layer counts."""
+    (B, D, d_conv - 1), the SSM state (B, D, N), and a count of `new_tokens` more tokens where the layer counts.
+    The conv state has the width the layer keeps, so `update_conv_state` (append, keep the last columns) stores it
+    as it is."""
     cache.update_conv_state(conv_state, layer_idx)
     cache.update_recurrent_state(ssm_state, layer_idx)
     counted = getattr(cache.layers[layer_idx], "cumulative_length_linear", None)
