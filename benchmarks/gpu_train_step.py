@@ -6,7 +6,9 @@ the same config, weights and batch.
                                         [--batch 4] [--length 2048] [--repeats 5] [--profile]
 
 Engines: `jamba` (transformers' model, its mamba-ssm path when the kernels import), `torch` / `triton` / `cuda`
-(hybrid_lm's `kernel_backend`), each with `+compile` for `torch.compile(model)`. Per engine: ms per step, tokens/s,
+(hybrid_lm's `kernel_backend`), each with `+compile` for `torch.compile(model)` or `+cudagraphs` for
+`torch.compile(model, mode="reduce-overhead")` (the compiled forward and backward replayed from CUDA graphs, which
+takes the host's launch overhead out of the step; the optimizer step stays outside). Per engine: ms per step, tokens/s,
 peak memory, MFU (model FLOPs per step / step time / the bf16 peak of the GPU) and the ratio to the first engine;
 `--profile` adds, per engine, the GPU kernels that took most of one step (torch.profiler).
 
@@ -60,6 +62,7 @@ def model_flops(model, tokens_per_row: int, rows: int) -> float:
 def step_seconds(model, optimizer, input_ids) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
+    torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA-graph trees (nothing for other engines)
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -78,12 +81,16 @@ def profile_step(model, optimizer, input_ids, rows: int = 12) -> str:
 
 def build(engine: str, config: dict, state: dict):
     backend, _, compiled = engine.partition("+")
+    if compiled not in ("", "compile", "cudagraphs"):
+        raise ValueError(f"unknown engine {engine!r}: a backend, optionally with +compile or +cudagraphs")
     model = HybridLMForCausalLM(HybridLMConfig(**config, kernel_backend="triton" if backend == "jamba" else backend))
     model.load_state_dict(state)
     model = model.to("cuda", torch.bfloat16)
     if backend == "jamba":
         model = jamba_model(model)
     model.train()
+    if compiled == "cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
     return torch.compile(model) if compiled else model
 
 

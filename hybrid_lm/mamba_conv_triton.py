@@ -26,7 +26,7 @@ try:  # transformers' remote-code checks skip imports inside try blocks; mamba_k
 except ImportError as error:
     raise ImportError("the Triton kernels need triton: pip install triton") from error
 
-from .custom_ops import given_flags, op_namespace, require_triton_dtypes
+from .custom_ops import eager_or_op, given_flags, op_namespace, require_triton_dtypes
 from .mamba_conv_ref import activation_fn
 
 _NS = op_namespace(__name__)
@@ -275,11 +275,11 @@ def _block_k(width: int) -> int:
 
 
 # ----------------------------------------------------------------------------- custom ops (launchers)
-# Custom ops for torch.compile and CUDA-graph capture, autograd in a `torch.autograd.Function`: see the scan's.
+# Custom ops for torch.compile and CUDA-graph capture, called directly in eager code, autograd in a
+# `torch.autograd.Function`: see the scan's.
 
 
-@torch.library.custom_op(f"{_NS}::causal_conv1d_fwd", mutates_args=())
-def _causal_conv1d_fwd(
+def _conv_fwd_launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
     seq_idx: torch.Tensor | None, silu: bool, with_final_state: bool, block_d: int, block_l: int, num_warps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,14 +303,16 @@ def _causal_conv1d_fwd(
     return out, final_state
 
 
+_causal_conv1d_fwd = torch.library.custom_op(f"{_NS}::causal_conv1d_fwd", _conv_fwd_launch, mutates_args=())
+
+
 @_causal_conv1d_fwd.register_fake
 def _(x, weight, bias, initial_state, seq_idx, silu, with_final_state, block_d, block_l, num_warps):
     final_state = x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1) if with_final_state else x.new_empty(0)
     return x.new_empty(x.shape), final_state
 
 
-@torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", mutates_args=())
-def _causal_conv1d_bwd(
+def _conv_bwd_launch(
     grad_out: torch.Tensor, grad_final_state: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
     bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool,
     block_d: int, block_l: int, num_warps: int,
@@ -334,11 +336,18 @@ def _causal_conv1d_bwd(
     return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
 
 
+_causal_conv1d_bwd = torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", _conv_bwd_launch, mutates_args=())
+
+
 @_causal_conv1d_bwd.register_fake
 def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu, block_d, block_l, num_warps):
     dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
     dbias = x.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32)
     return x.new_empty(x.shape), dinit, weight.new_empty(weight.shape, dtype=torch.float32), dbias
+
+
+_conv_fwd = eager_or_op(_conv_fwd_launch, _causal_conv1d_fwd)
+_conv_bwd = eager_or_op(_conv_bwd_launch, _causal_conv1d_bwd)
 
 
 class _CausalConv1dTriton(torch.autograd.Function):
@@ -347,7 +356,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, seq_idx, silu, tiles, return_final_state):
-        out, final_state = _causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state,
+        out, final_state = _conv_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state,
                                               *tiles)
         ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
         ctx.silu, ctx.tiles = silu, tiles
@@ -356,7 +365,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_final_state=None):
         x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
-        dx, dinit, dweight, dbias = _causal_conv1d_bwd(
+        dx, dinit, dweight, dbias = _conv_bwd(
             grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu, *ctx.tiles
         )
         return (

@@ -32,7 +32,7 @@ try:  # transformers' remote-code checks skip imports inside try blocks; mamba_k
 except ImportError as error:
     raise ImportError("the Triton kernels need triton: pip install triton") from error
 
-from .custom_ops import given_flags, op_namespace, require_triton_dtypes
+from .custom_ops import eager_or_op, given_flags, op_namespace, require_triton_dtypes
 
 _NS = op_namespace(__name__)
 
@@ -128,11 +128,23 @@ def _state_inputs(A_ptr, B_ptr, C_ptr, slot_ptr, n, d_state, channels, length, B
     zeros for n = N, the prefetch past the last state."""
     mask_d = mask_d & (offs_d * 0 + n < d_state)
     mask_t = mask_t & (t * 0 + n < d_state)
-    A_n = tl.load(A_ptr + n * channels + offs_d, mask=mask_d, other=0.0)
+    A_n = tl.load(A_ptr + offs_d * d_state + n, mask=mask_d, other=0.0)
     B_n = tl.load(B_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
     C_n = tl.load(C_ptr + BC_row + n * length + t, mask=mask_t, other=0.0).to(tl.float32)
     slot_n = tl.load(slot_ptr + n * channels, mask=mask_d, other=0.0)
     return A_n, B_n, C_n, slot_n
+
+
+@triton.jit
+def _fill_slot(slot_ptr, value_ptr, batch, offs_d, mask_d, channels, d_state, HAS_VALUE: tl.constexpr):
+    """Writes a (B, D, N) state (`value_ptr`, contiguous; zeros when absent) into the (N, D) float32 slot of this
+    program's channels."""
+    for n in range(d_state):
+        value = tl.zeros(offs_d.shape, dtype=tl.float32)
+        if HAS_VALUE:
+            value = tl.load(value_ptr + batch * channels * d_state + offs_d * d_state + n, mask=mask_d,
+                            other=0.0).to(tl.float32)
+        tl.store(slot_ptr + n * channels, value, mask=mask_d)
 
 
 # the scan's optional inputs: a None tensor turns its flag off (Triton compiles one variant per combination)
@@ -140,16 +152,19 @@ _scan_flags = triton.heuristics(given_flags(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BI
 
 
 @_scan_flags
+@triton.heuristics(given_flags(HAS_INIT="init_ptr"))
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, init_ptr,
     out_ptr, states_ptr,
     channels, length, d_state,
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_INIT: tl.constexpr,
 ):
-    """u, delta, z, out: (B, D, L); A: (N, D) float32 (transposed); B, C: (B, N, L); D, bias: (D,) or None;
-    seq: (B, L) or None; states: (B, nc + 1, N, D) float32 with slot 0 filled. All contiguous."""
+    """u, delta, z, out: (B, D, L); A: (D, N) float32; B, C: (B, N, L); D, bias: (D,) or None; seq: (B, L) or
+    None; init: the initial state (B, D, N) or None (zeros); states: (B, nc + 1, N, D) float32, written here (slot
+    0 from init). All contiguous."""
     batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
                                                                     BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
@@ -157,6 +172,7 @@ def _scan_fwd_kernel(
     slot_size = d_state * channels
     states_row = states_ptr + batch * (n_chunks + 1) * slot_size + offs_d
     last = (offs_j == BLOCK_T - 1)[None, :]
+    _fill_slot(states_row, init_ptr, batch, offs_d, mask_d, channels, d_state, HAS_INIT)
 
     for chunk in range(n_chunks):
         t, mask_t, mask, offsets, u, dt = _load_chunk(u_ptr, delta_ptr, rows, offs_j, mask_d, chunk, length, bias,
@@ -193,19 +209,21 @@ def _scan_fwd_kernel(
 
 
 @_scan_flags
+@triton.heuristics(given_flags(HAS_DFINAL="dfinal_ptr"))
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, dout_ptr, states_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, dout_ptr, dfinal_ptr, states_ptr,
     adjoint_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     channels, length, d_state,
     SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
 ):
-    """Inputs as in `_scan_fwd_kernel`, plus dout (B, D, L) and the forward's `states`.
-    adjoint: (B, nc + 1, N, D) float32, slot nc filled with the final state's gradient; slot c gets
-    dL/d(state before chunk c), so slot 0 ends as the initial state's gradient.
-    du, ddelta, dz: (B, D, L) in the inputs' dtypes.  dB, dC: (B, N, L) float32, zeroed, added into.
-    dA: (B, nc, N, D), dD, dbias: (B, D) float32 partial sums (dz, dD, dbias None when z, D, bias are)."""
+    """Inputs as in `_scan_fwd_kernel`, plus dout (B, D, L), the final state's gradient dfinal (B, D, N) or None
+    (zeros), and the forward's `states`. adjoint: (B, nc + 1, N, D) float32, written here: slot nc from dfinal,
+    slot c dL/d(state before chunk c), so slot 0 ends as the initial state's gradient.
+    du, ddelta, dz: (B, D, L) in the inputs' dtypes.  dB, dC: (B, N, L), dA: (D, N), dD, dbias: (D,), float32,
+    zeroed, added into (dz, dD, dbias None when z, D, bias are)."""
     batch, offs_d, offs_j, mask_d, rows, bias, skip = _program_rows(D_ptr, bias_ptr, channels, length, HAS_D, HAS_BIAS,
                                                                     BLOCK_D, BLOCK_T)
     BC_row = batch * d_state * length
@@ -213,8 +231,8 @@ def _scan_bwd_kernel(
     slot_size = d_state * channels
     states_row = states_ptr + batch * (n_chunks + 1) * slot_size + offs_d
     adjoint_row = adjoint_ptr + batch * (n_chunks + 1) * slot_size + offs_d
-    dA_row = dA_ptr + batch * n_chunks * slot_size + offs_d
     first = (offs_j == 0)[None, :]
+    _fill_slot(adjoint_row + n_chunks * slot_size, dfinal_ptr, batch, offs_d, mask_d, channels, d_state, HAS_DFINAL)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
@@ -268,7 +286,7 @@ def _scan_bwd_kernel(
             # 3. gradients: d/d(dt * A) of a_t * h_{t-1} is lam_t * (h_t - b_t)
             grad_log_a = tl.where(mask, lam * (h - b), 0.0)
             d_dt += grad_log_a * A_n[:, None]
-            tl.store(dA_row + chunk * slot_size + n * channels, tl.sum(grad_log_a * dt, axis=1), mask=mask_d)
+            tl.atomic_add(dA_ptr + offs_d * d_state + n, tl.sum(grad_log_a * dt, axis=1), mask=mask_d, sem="relaxed")
             d_dtu += lam * B_n[None, :]
             tl.atomic_add(dB_ptr + BC_row + n * length + t, tl.sum(lam * dtu, axis=0), mask=mask_t, sem="relaxed")
             A_n, B_n, C_n, h0, carry = A_next, B_next, C_next, h0_next, carry_next
@@ -295,9 +313,9 @@ def _scan_bwd_kernel(
         tl.store(ddelta_ptr + offsets, d_dt.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
     if HAS_D:
-        tl.store(dD_ptr + batch * channels + offs_d, dD_acc, mask=mask_d)
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d, sem="relaxed")
     if HAS_BIAS:
-        tl.store(dbias_ptr + batch * channels + offs_d, dbias_acc, mask=mask_d)
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d, sem="relaxed")
 
 
 @triton.heuristics(given_flags(HAS_D="D_ptr", HAS_Z="z_ptr", HAS_BIAS="bias_ptr"))
@@ -367,19 +385,20 @@ def scan_tiles(length: int, max_chunk: int = 256, elements_per_warp: int = 512) 
 
 
 # ----------------------------------------------------------------------------- custom ops (launchers)
-# The launchers are custom ops, so torch.compile sees each as one node (with the fake implementations below) and
-# CUDA-graph capture records their launches (they allocate, never synchronise). Autograd is the
-# `torch.autograd.Function` further down, not a `register_autograd` on the op: the op's generated autograd wrapper
-# cost about 0.5 ms of host time per backward call on the H200 machine (benchmarks/RESULTS.md, "Host time of the
-# Mamba ops"), a Function about 0.1 ms, and torch.compile traces a Function as well.
+# Each launcher is registered as a custom op, so torch.compile sees it as one node (with the fake implementation
+# below it) and CUDA-graph capture records its launches (launchers allocate, never synchronise). Eager calls skip
+# the op's dispatch (`eager_or_op`). Autograd is the `torch.autograd.Function` further down, not a
+# `register_autograd` on the op: the op's generated autograd wrapper cost about 0.5 ms of host time per backward
+# call on the H200 machine (benchmarks/RESULTS.md, "Host time of the Mamba ops"), and torch.compile traces a
+# Function as well. Every aten call a launcher saves is host time too: the kernels fill the first states slot and
+# add the parameter gradients up themselves.
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
-@torch.library.custom_op(f"{_NS}::selective_scan_fwd", mutates_args=())
-def _selective_scan_fwd(
+def _scan_fwd_launch(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
     initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, delta_softplus: bool,
@@ -389,21 +408,19 @@ def _selective_scan_fwd(
     from; slot nc is the final state."""
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    n_chunks = triton.cdiv(length, chunk)
-    u, delta, B, C, z, seq_idx = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx))
-    A_t = A.float().t().contiguous()  # (N, D)
-    states = torch.empty(batch, n_chunks + 1, d_state, channels, device=u.device, dtype=torch.float32)
-    if initial_state is not None:
-        states[:, 0] = initial_state.transpose(1, 2)
-    else:
-        states[:, 0] = 0.0
+    u, delta, B, C, z, seq_idx, initial_state = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx, initial_state))
+    states = torch.empty(batch, triton.cdiv(length, chunk) + 1, d_state, channels, device=u.device,
+                         dtype=torch.float32)
     out = u.new_empty(u.shape)
     _scan_fwd_kernel[(triton.cdiv(channels, block_d), batch)](
-        u, delta, A_t, B, C, D, z, delta_bias, seq_idx, out, states,
+        u, delta, A.float().contiguous(), B, C, D, z, delta_bias, seq_idx, initial_state, out, states,
         channels, length, d_state,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
     return out, states
+
+
+_selective_scan_fwd = torch.library.custom_op(f"{_NS}::selective_scan_fwd", _scan_fwd_launch, mutates_args=())
 
 
 @_selective_scan_fwd.register_fake
@@ -414,80 +431,80 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
     return u.new_empty(u.shape), states
 
 
-@torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
-def _selective_scan_bwd(
+def _scan_bwd_launch(
     grad_out: torch.Tensor, grad_final_state: torch.Tensor | None,
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-    seq_idx: torch.Tensor | None, states: torch.Tensor, delta_softplus: bool, chunk: int, block_d: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
-    """Returns du, ddelta, dA, dB, dC (float32), dD, dz, d(delta_bias) (float32; empty when the input is None),
-    d(initial state) (float32). Custom ops cannot return None."""
+    seq_idx: torch.Tensor | None, states: torch.Tensor, delta_softplus: bool, initial_state_grad: bool,
+    chunk: int, block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns du, ddelta, dz (empty when z is None), the float32 gradients of the small inputs in one flat
+    tensor (`_small_grads` splits it) and, if `initial_state_grad`, d(initial state) (B, D, N) float32 (else
+    empty). Custom ops cannot return None, nor outputs that alias each other."""
     batch, channels, length = u.shape
     d_state = A.shape[1]
-    n_chunks = states.shape[1] - 1
-    u, delta, B, C, z, seq_idx, grad_out = (_contiguous(t) for t in (u, delta, B, C, z, seq_idx, grad_out))
-    A_t = A.float().t().contiguous()
+    u, delta, B, C, z, seq_idx, grad_out, grad_final_state = (
+        _contiguous(t) for t in (u, delta, B, C, z, seq_idx, grad_out, grad_final_state))
     adjoint = states.new_empty(states.shape)
-    if grad_final_state is not None:
-        adjoint[:, -1] = grad_final_state.transpose(1, 2)
-    else:
-        adjoint[:, -1] = 0.0
     du, ddelta = u.new_empty(u.shape), delta.new_empty(delta.shape)
-    dz = z.new_empty(z.shape) if z is not None else None
-    dB = torch.zeros(B.shape, device=u.device, dtype=torch.float32)
-    dC = torch.zeros(C.shape, device=u.device, dtype=torch.float32)
-    dA = torch.empty(batch, n_chunks, d_state, channels, device=u.device, dtype=torch.float32)
-    dD = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if D is not None else None
-    dbias = torch.empty(batch, channels, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    dz = z.new_empty(z.shape) if z is not None else u.new_empty(0)
+    small = torch.zeros(_small_grads_size(batch, channels, length, d_state), device=u.device, dtype=torch.float32)
+    dB, dC, dA, dD, dbias = _small_grads(small, batch, channels, length, d_state)
     _scan_bwd_kernel[(triton.cdiv(channels, block_d), batch)](
-        u, delta, A_t, B, C, D, z, delta_bias, seq_idx, grad_out, states,
-        adjoint, du, ddelta, dz, dB, dC, dA, dD, dbias,
+        u, delta, A.float().contiguous(), B, C, D, z, delta_bias, seq_idx, grad_out, grad_final_state, states,
+        adjoint, du, ddelta, dz if z is not None else None, dB, dC, dA, dD, dbias,
         channels, length, d_state,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=chunk, num_warps=1,
     )
+    dh0 = adjoint[:, 0].transpose(1, 2).contiguous() if initial_state_grad else u.new_empty(0)
+    return du, ddelta, dz, small, dh0
 
-    def absent():  # a fresh empty tensor each time: outputs of a custom op may not alias
-        return u.new_empty(0)
 
-    return (
-        du, ddelta, dA.sum((0, 1)).t().contiguous(), dB, dC,
-        dD.sum(0) if dD is not None else absent(), dz if dz is not None else absent(),
-        dbias.sum(0) if dbias is not None else absent(),
-        adjoint[:, 0].transpose(1, 2).contiguous(),
-    )
+def _small_grads_size(batch: int, channels: int, length: int, d_state: int) -> int:
+    return 2 * batch * d_state * length + channels * d_state + 2 * channels
+
+
+def _small_grads(small: torch.Tensor, batch: int, channels: int, length: int, d_state: int):
+    """Views of the backward's flat float32 gradients: dB, dC (B, N, L), dA (D, N), dD, dbias (D,)."""
+    sizes = (batch * d_state * length, batch * d_state * length, channels * d_state, channels, channels)
+    dB, dC, dA, dD, dbias = small.split(sizes)
+    return (dB.view(batch, d_state, length), dC.view(batch, d_state, length), dA.view(channels, d_state), dD,
+            dbias)
+
+
+_selective_scan_bwd = torch.library.custom_op(f"{_NS}::selective_scan_bwd", _scan_bwd_launch, mutates_args=())
 
 
 @_selective_scan_bwd.register_fake
-def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus, chunk,
-      block_d):
-    batch, channels, _ = u.shape
+def _(grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, delta_softplus,
+      initial_state_grad, chunk, block_d):
+    batch, channels, length = u.shape
     d_state = A.shape[1]
     f32 = torch.float32
     return (
-        u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(channels, d_state, dtype=f32),
-        B.new_empty(B.shape, dtype=f32), C.new_empty(C.shape, dtype=f32),
-        u.new_empty(channels if D is not None else 0, dtype=f32),
-        z.new_empty(z.shape) if z is not None else u.new_empty(0),
-        u.new_empty(channels if delta_bias is not None else 0, dtype=f32),
-        u.new_empty(batch, channels, d_state, dtype=f32),
+        u.new_empty(u.shape), delta.new_empty(delta.shape), z.new_empty(z.shape) if z is not None else u.new_empty(0),
+        u.new_empty(_small_grads_size(batch, channels, length, d_state), dtype=f32),
+        u.new_empty((batch, channels, d_state) if initial_state_grad else (0,), dtype=f32),
     )
+
+
+_scan_fwd = eager_or_op(_scan_fwd_launch, _selective_scan_fwd)
+_scan_bwd = eager_or_op(_scan_bwd_launch, _selective_scan_bwd)
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
-    """The scan's autograd: forward and backward through the two ops above. Returns out, and the final state
+    """The scan's autograd: forward and backward through the two launchers above. Returns out, and the final state
     (B, D, N) float32 when `return_final_state`."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, tiles,
                 return_final_state):
         chunk, block_d, block_d_backward = tiles
-        out, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
-                                          delta_softplus, chunk, block_d)
+        out, states = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, chunk,
+                                block_d)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, states)
         ctx.delta_softplus, ctx.chunk, ctx.block_d_backward = delta_softplus, chunk, block_d_backward
         ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
@@ -498,15 +515,20 @@ class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_final_state=None):
         u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _selective_scan_bwd(
+        initial_state_grad = ctx.initial_state_dtype is not None and ctx.needs_input_grad[8]
+        du, ddelta, dz, small, dh0 = _scan_bwd(
             grad_out, grad_final_state, u, delta, A, B, C, D, z, delta_bias, seq_idx, states, ctx.delta_softplus,
-            ctx.chunk, ctx.block_d_backward,
+            initial_state_grad, ctx.chunk, ctx.block_d_backward,
         )
+        (batch, channels, length), d_state = u.shape, A.shape[1]
+        dB, dC, dA, dD, dbias = _small_grads(small, batch, channels, length, d_state)
+        if B.dtype == C.dtype != torch.float32:  # one cast for both
+            dB, dC = small[: 2 * dB.numel()].view(2, *dB.shape).to(B.dtype).unbind(0)
         return (
             du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None,
-            dh0.to(ctx.initial_state_dtype) if ctx.initial_state_dtype is not None else None,
+            dh0.to(ctx.initial_state_dtype) if initial_state_grad else None,
             None, None, None, None,
         )
 
