@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_lm.cross_entropy_ops import linear_cross_entropy
+from hybrid_lm import cross_entropy_ops
+from hybrid_lm.cross_entropy_ops import cross_entropy_rows_ref, linear_cross_entropy
 from builders import tiny_model
 
 
@@ -41,6 +42,55 @@ def test_loss_and_gradients_equal_full_logits(dtype, tol, chunk_rows, divisor):
     for got, want in zip(grads, expected_grads):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+triton_kernel = pytest.mark.skipif(cross_entropy_ops.cross_entropy_rows_triton is None, reason="needs triton")
+
+
+@triton_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_kernel_equals_the_reference(dtype, monkeypatch):
+    """The Triton row kernel (in Triton's interpreter on CPU) against the reference computed in float64 from the
+    same logits: ignored rows, -inf logits, a vocabulary spread over several blocks with a ragged last one."""
+    from hybrid_lm import triton_cross_entropy
+
+    monkeypatch.setattr(triton_cross_entropy, "BLOCK_V", 16)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 50, generator=g) * 4).to(dtype)
+    logits[2, 7] = logits[3, :20] = float("-inf")
+    labels = torch.randint(0, 50, (9,), generator=g)
+    labels[[1, 5]] = -100
+    labels[3] = 30  # a row whose first 20 logits are -inf
+    loss = torch.full((9,), float("nan"))
+    grad = triton_cross_entropy.cross_entropy_rows_triton(logits.clone(), labels, -100, loss)
+    want_loss, want_grad = cross_entropy_rows_ref(logits.double(), labels, -100)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # the gradient is rounded to the logits' dtype
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol)
+    assert grad[[1, 5]].abs().max() == 0 and loss[[1, 5]].abs().max() == 0
+
+
+@triton_kernel
+@pytest.mark.parametrize("chunk_rows", [8, 64], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_loss_and_gradients_through_the_rows_kernel_equal_full_logits(dtype, tol, chunk_rows):
+    h, w, labels = inputs(dtype=dtype)
+    loss = linear_cross_entropy(h, w, labels, torch.tensor(11), chunk_rows=chunk_rows, use_kernel=True)
+    grads = torch.autograd.grad(loss * 1.7, (h, w))
+    ref_h, ref_w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    expected = oracle(ref_h, ref_w, labels, torch.tensor(11))
+    expected_grads = torch.autograd.grad(expected * 1.7, (ref_h, ref_w))
+    torch.testing.assert_close(loss.double(), expected, rtol=tol, atol=tol)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_the_rows_kernel_is_refused_for_float64():
+    h, w, labels = inputs(dtype=torch.float64)
+    with pytest.raises(ValueError, match="use_kernel=True needs triton and float32"):
+        linear_cross_entropy(h, w, labels, use_kernel=True)
 
 
 def test_ignored_rows_get_no_gradient_and_frozen_weight_none():

@@ -16,16 +16,18 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-KERNEL_MODULES = ("hybrid_lm.mamba_scan_triton", "hybrid_lm.mamba_conv_triton", "hybrid_lm.triton_rms_norm")
+KERNEL_MODULES = ("hybrid_lm.mamba_scan_triton", "hybrid_lm.mamba_conv_triton", "hybrid_lm.triton_rms_norm",
+                  "hybrid_lm.triton_cross_entropy")
 # a flag's optional tensor: off means None is passed for it
 OPTIONAL_TENSOR = {"HAS_D": "D_ptr", "HAS_Z": "z_ptr", "HAS_BIAS": "bias_ptr", "HAS_SEQ": "seq_ptr",
                    "HAS_INIT": "init_ptr", "HAS_DFINAL": "dfinal_ptr", "HAS_RESIDUAL": "res_ptr",
                    "HAS_DSUM": "dsum_ptr"}
 # tile constexprs, in the ranges the launchers use
 TILES = {"BLOCK_D": 16, "BLOCK_T": 64, "BLOCK_L": 128, "BLOCK_K": 4, "BLOCK_N": 16, "BLOCK_M": 4, "BLOCK_H": 1024,
-         "WIDTH": 4}
+         "BLOCK_V": 4096, "WIDTH": 4}
 FLOAT32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "states_ptr", "adjoint_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
-                    "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr"}
+                    "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr", "loss_ptr"}
+INT64_POINTERS = {"seq_ptr", "labels_ptr"}
 
 
 def _variants(fn):
@@ -59,7 +61,7 @@ def compile_all(module_name: str) -> list[str]:
                 if arg in constants:
                     signature[arg] = "constexpr"
                 elif arg.endswith("_ptr"):
-                    signature[arg] = "*i64" if arg == "seq_ptr" else "*fp32" if arg in FLOAT32_POINTERS else "*bf16"
+                    signature[arg] = "*i64" if arg in INT64_POINTERS else "*fp32" if arg in FLOAT32_POINTERS else "*bf16"
                 else:
                     signature[arg] = "i32"
             try:
