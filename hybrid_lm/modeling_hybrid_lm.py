@@ -48,6 +48,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from . import transformers_compat as compat
 from .configuration_hybrid_lm import HybridLMConfig, check_kernel_backend
+from .cross_entropy_ops import linear_cross_entropy
 from .feed_forward_hybrid_lm import (
     HybridLMMLP,
     HybridLMSparseMoeBlock,
@@ -55,11 +56,11 @@ from .feed_forward_hybrid_lm import (
     load_balancing_loss,
     router_z_loss,
 )
-from .cross_entropy_ops import linear_cross_entropy
 from .generation_hybrid_lm import StaticDecodingCaches, static_decoding_kwargs
 from .hub_hybrid_lm import push_folder_to_hub
 from .loading_checks import check_weight_files
 from .mamba_kernels import MambaKernels, select_kernels
+from .mamba_projections import linear_from_channels_first, linear_to_channels_first
 from .rms_norm_ops import rms_norm
 from .transformers_compat import CACHE_NAME, accepts_cache_alias, cache_output
 
@@ -273,6 +274,39 @@ def _local(tensor):
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def _plain_linear_tensors(module: nn.Module, length: int):
+    """(weight, bias) when `module`'s forward is exactly `F.linear(x, weight, bias)` on its own parameters (for
+    dt_proj: bias None) and a prefill or training chunk (`length` > 1) is to be projected; else None.
+
+    Then the mixer computes the product itself in the kernels' layout (mamba_projections.py). Any other module
+    keeps its own forward: a LoRA or quantized Linear (another class), one with hooks or a replaced forward
+    (accelerate's offload), a tensor-parallel one (DTensor weight). A decoding step has nothing to transpose."""
+    if (
+        length <= 1
+        or type(module) not in (nn.Linear, HybridLMTimeStepProjection)
+        or module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+        or isinstance(module.weight, DTensor)
+    ):
+        return None
+    return module.weight, None if type(module) is HybridLMTimeStepProjection else module.bias
+
+
+def _project_to_channels_first(module: nn.Module, x: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, ...]:
+    """`module(x)` for x (B, L, I), as `chunks` (B, O / chunks, L) tensors (contiguous when the module is plain)."""
+    tensors = _plain_linear_tensors(module, x.shape[1])
+    if tensors is not None:
+        return linear_to_channels_first(x, *tensors, chunks=chunks)
+    return module(x).transpose(1, 2).chunk(chunks, dim=1)
+
+
+def _project_from_channels_first(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x.transpose(1, 2))` for x (B, I, L): (B, L, O)."""
+    tensors = _plain_linear_tensors(module, x.shape[-1])
+    if tensors is not None:
+        return linear_from_channels_first(x, *tensors)
+    return module(x.transpose(1, 2))
+
+
 class HybridLMMambaMixer(nn.Module):
     """The Jamba Mamba-1 mixer: in_proj -> causal conv -> selective scan (gated by silu(z)) -> out_proj.
 
@@ -372,7 +406,7 @@ class HybridLMMambaMixer(nn.Module):
         token_mask = attention_mask[:, None, :].to(hidden_states.dtype) if attention_mask is not None else None
 
         # 1. input projection: conv input x and gate z, (B, D, L) each
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        x, z = _project_to_channels_first(self.in_proj, hidden_states, chunks=2)
         if token_mask is not None:
             x = x * token_mask
         if recording:
@@ -396,11 +430,12 @@ class HybridLMMambaMixer(nn.Module):
 
         # 3. input-dependent step size and B, C
         time_step, B, C = torch.split(
-            self.x_proj(x.transpose(1, 2)), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+            _project_from_channels_first(self.x_proj, x),
+            [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1,
         )  # (B, L, R), (B, L, N), (B, L, N)
         if self.config.mamba_inner_layernorms:
             time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
-        time_step = self.dt_proj(time_step).transpose(1, 2)  # (B, D, L); the bias goes to the scan
+        (time_step,) = _project_to_channels_first(self.dt_proj, time_step)  # (B, D, L); the bias goes to the scan
         (dt_bias,) = _module_tensors(self.dt_proj, "bias")
         A = -torch.exp(_local(self.A_log).float())  # (D, N)
 
@@ -427,7 +462,7 @@ class HybridLMMambaMixer(nn.Module):
                 compat.store_mamba_states(cache, self.layer_idx, final_conv_state, final_ssm_state, length)
 
         # 5. output projection
-        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
+        return _project_from_channels_first(self.out_proj, y.to(hidden_states.dtype))
 
     def _scan_keeping_states(self, kernels, x, time_step, A, B, C, z, dt_bias, ssm_state, keep: int):
         """The scan of (B, D, L) inputs (B and C (B, L, N)) from `ssm_state` (None: zeros), with the SSM state
