@@ -11,9 +11,11 @@ under `seq_idx`, inputs of another document counted as zero. Arithmetic is float
 rounded once to x's dtype.
 
 Each program owns a [BLOCK_D, P] tile of positions and reads the K shifted input tiles it needs (the
-overlap is served by the cache). The backward recomputes the pre-activation at the K positions each
-input feeds rather than storing it, and writes per-program partial sums of dweight / dbias that torch
-adds up (deterministic, no atomics).
+overlap is served by the cache). The backward runs in two passes: the first recomputes the pre-activation
+over output positions and stores its gradient (float32, one tensor the size of x) with per-program partial
+sums of dweight / dbias that torch adds up (deterministic, no atomics); the second gathers the input gradient
+from K shifted tiles of it. (One pass would recompute the pre-activation at the K outputs each input feeds:
+K^2 shifted loads against 2K + K here.)
 """
 
 from typing import NamedTuple
@@ -131,97 +133,106 @@ def _conv_final_state_kernel(
              mask=mask_d[:, None] & (j < WIDTH - 1)[None, :])
 
 
+@triton.heuristics({**_has_bias, **_has_init_seq})
 @triton.jit
-def _input_grad(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dout_strides, dfinal_ptr, batch,
-                offs_d, mask_d, s, channels, length,
-                WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradient of the inputs at positions s ([P], may be negative: initial-state positions), and the
-    pre-activation gradient at s itself (zero outside [0, L)). Input s feeds outputs s .. s + K - 1."""
+def _conv_bwd_pre_kernel(
+    x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, gpre_ptr, dweight_ptr, dbias_ptr,
+    channels, length, stride_x_b, stride_x_d, stride_x_l, stride_dout_b, stride_dout_d, stride_dout_l,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """The backward's first pass, over output positions t: the pre-activation gradient
+    gpre_t = dout_t * act'(pre_t) into gpre (B, D, L) float32, and this program's partial sums of
+    dweight (B, nP, D, K) and dbias (B, nP, D), float32. Other inputs as in `_conv_fwd_kernel`, plus dout
+    (B, D, L) of strides stride_dout_*."""
+    x_strides = (stride_x_b, stride_x_d, stride_x_l)
+    pid_l = tl.program_id(0)
+    batch = tl.program_id(2).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < channels
+    mask_t = t < length
+    mask = mask_d[:, None] & mask_t[None, :]
+    doc = tl.load(seq_ptr + batch * length + t, mask=mask_t, other=0) if HAS_SEQ else None
+    gpre = tl.load(_tile(dout_ptr, (stride_dout_b, stride_dout_d, stride_dout_l), batch, offs_d, t), mask=mask,
+                   other=0.0).to(tl.float32)
+    if SILU:
+        pre = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        for k in tl.static_range(WIDTH):
+            w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+            pre += w[:, None] * _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d,
+                                            t - (WIDTH - 1) + k, doc, channels, length, WIDTH, HAS_INIT, HAS_SEQ)
+        gpre = gpre * _silu_grad(pre)
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
+    tl.store(gpre_ptr + rows[:, None] + t[None, :], gpre, mask=mask)
+
+    partial = (batch * tl.num_programs(0) + pid_l) * channels + offs_d
+    for k in tl.static_range(WIDTH):  # the shifted inputs again: the first pass's loads are still in the cache
+        x = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, t - (WIDTH - 1) + k, doc,
+                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
+        tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(gpre * x, axis=1), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + partial, tl.sum(gpre, axis=1), mask=mask_d)
+
+
+@triton.jit
+def _input_grad(gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, batch, offs_d, mask_d, s, channels, length,
+                WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gradient of the inputs at positions s ([P], may be negative: initial-state positions), from the
+    pre-activation gradient gpre (B, D, L): input s feeds outputs s .. s + K - 1 of its own document."""
     src_doc = tl.load(seq_ptr + batch * length + tl.maximum(s, 0), mask=s < length, other=0) if HAS_SEQ else None
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    rows = batch * channels * length + offs_d.to(tl.int64) * length
     grad = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
-    grad_pre_here = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
     for j in tl.static_range(WIDTH):
         t = s + j  # the output that input s reaches through weight[:, K - 1 - j]
         valid = (t >= 0) & (t < length)
-        dout = tl.load(_tile(dout_ptr, dout_strides, batch, offs_d, t), mask=mask_d[:, None] & valid[None, :],
-                       other=0.0)
-        grad_pre = dout.to(tl.float32)
-        doc = tl.load(seq_ptr + batch * length + t, mask=valid, other=0) if HAS_SEQ else None
-        if SILU:
-            pre = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
-            if HAS_BIAS:
-                pre += bias[:, None]
-            for k in tl.static_range(WIDTH):
-                w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-                pre += w[:, None] * _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d,
-                                                t - (WIDTH - 1) + k, doc, channels, length, WIDTH, HAS_INIT, HAS_SEQ)
-            grad_pre = grad_pre * _silu_grad(pre)
-        if j == 0:
-            grad_pre_here = grad_pre
         if HAS_SEQ:
-            grad_pre = tl.where((doc == src_doc)[None, :], grad_pre, 0.0)
+            doc = tl.load(seq_ptr + batch * length + t, mask=valid, other=0)
+            valid = valid & (doc == src_doc)
+        gpre = tl.load(gpre_ptr + rows[:, None] + t[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
         w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-        grad += w[:, None] * grad_pre
+        grad += w[:, None] * gpre
     if HAS_DFINAL:
         # final_state[j] is input L - (K - 1) + j when it belongs to the last document
         j_final = s - (length - (WIDTH - 1))
         is_final = (j_final >= 0) & (j_final < WIDTH - 1)
-        final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
-        dfinal = tl.load(dfinal_ptr + final_rows[:, None] + j_final[None, :], mask=mask_d[:, None] & is_final[None, :],
-                         other=0.0).to(tl.float32)
         if HAS_SEQ:
             last_doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * s)
-            dfinal = tl.where((src_doc == last_doc)[None, :], dfinal, 0.0)
-        grad += dfinal
-    return grad, grad_pre_here
+            is_final = is_final & (src_doc == last_doc)
+        final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
+        grad += tl.load(dfinal_ptr + final_rows[:, None] + j_final[None, :], mask=mask_d[:, None] & is_final[None, :],
+                        other=0.0).to(tl.float32)
+    return grad
 
 
-@triton.heuristics({**_has_bias, **_has_init_seq,
+@triton.heuristics({**given_flags(HAS_SEQ="seq_ptr"),
+                    "HAS_INIT": lambda args: args["dinit_ptr"] is not None and args["WIDTH"] > 1,
                     "HAS_DFINAL": lambda args: args["dfinal_ptr"] is not None and args["WIDTH"] > 1})
 @triton.jit
-def _conv_bwd_kernel(
-    x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr,
-    dx_ptr, dinit_ptr, dweight_ptr, dbias_ptr,
-    channels, length, stride_x_b, stride_x_d, stride_x_l, stride_dout_b, stride_dout_d, stride_dout_l,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def _conv_bwd_input_kernel(
+    gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, dx_ptr, dinit_ptr, channels, length,
+    WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Inputs as in `_conv_fwd_kernel` plus dout (B, D, L) of strides stride_dout_* and dfinal (B, D, K - 1).
-    dx: (B, D, L); dinit: (B, D, K - 1); dweight: (B, nP, D, K) and dbias: (B, nP, D) float32 partial sums."""
-    x_strides = (stride_x_b, stride_x_d, stride_x_l)
-    dout_strides = (stride_dout_b, stride_dout_d, stride_dout_l)
+    """The backward's second pass, over input positions s: dx (B, D, L) and, in the first program of each row,
+    dinit (B, D, K - 1), from gpre (B, D, L) float32 and dfinal (B, D, K - 1)."""
     pid_l = tl.program_id(0)
     batch = tl.program_id(2).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < channels
-    mask = mask_d[:, None] & (s < length)[None, :]
-    grad, grad_pre = _input_grad(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dout_strides,
-                                 dfinal_ptr, batch, offs_d, mask_d, s, channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ,
-                                 HAS_DFINAL, SILU, BLOCK_D)
+    grad = _input_grad(gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, batch, offs_d, mask_d, s, channels, length,
+                       WIDTH, HAS_SEQ, HAS_DFINAL, BLOCK_D)
     rows = batch * channels * length + offs_d.to(tl.int64) * length
-    tl.store(dx_ptr + rows[:, None] + s[None, :], grad.to(dx_ptr.dtype.element_ty), mask=mask)
-
-    # 2. per-program partial sums of dweight and dbias over this program's outputs
-    doc = tl.load(seq_ptr + batch * length + s, mask=s < length, other=0) if HAS_SEQ else None
-    partial = (batch * tl.num_programs(0) + pid_l) * channels + offs_d
-    for k in tl.static_range(WIDTH):
-        x = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, s - (WIDTH - 1) + k, doc,
-                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
-        tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(grad_pre * x, axis=1), mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + partial, tl.sum(grad_pre, axis=1), mask=mask_d)
-
-    # 3. the initial state's positions -(K - 1) .. -1, once per row
-    if HAS_INIT:
+    tl.store(dx_ptr + rows[:, None] + s[None, :], grad.to(dx_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (s < length)[None, :])
+    if HAS_INIT:  # the initial state's positions -(K - 1) .. -1, once per row
         if pid_l == 0:
             s_init = tl.arange(0, BLOCK_K) - (WIDTH - 1)
-            grad_init, _ = _input_grad(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr,
-                                       dout_strides, dfinal_ptr, batch, offs_d, mask_d, s_init, channels, length, WIDTH, HAS_BIAS, HAS_INIT,
-                                       HAS_SEQ, HAS_DFINAL, SILU, BLOCK_D)
+            grad_init = _input_grad(gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, batch, offs_d, mask_d, s_init, channels,
+                                    length, WIDTH, HAS_SEQ, HAS_DFINAL, BLOCK_D)
             init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1) + (WIDTH - 1)
             tl.store(dinit_ptr + init_rows[:, None] + s_init[None, :], grad_init.to(dinit_ptr.dtype.element_ty),
                      mask=mask_d[:, None] & (s_init < 0)[None, :])
@@ -324,15 +335,22 @@ def _conv_bwd_launch(
         t.contiguous() if t is not None else None for t in (weight, initial_state, seq_idx, grad_final_state)
     )
     n_blocks = triton.cdiv(length, block_l)
-    dx = x.new_empty(x.shape)
-    dinit = initial_state.new_zeros(initial_state.shape) if initial_state is not None else x.new_empty(0)
+    grid = (n_blocks, triton.cdiv(channels, block_d), batch)
+    gpre = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     dweight = torch.empty(batch, n_blocks, channels, width, device=x.device, dtype=torch.float32)
     dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, block_d), batch)](
-        x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state,
-        dx, dinit, dweight, dbias, channels, length, *x.stride(), *grad_out.stride(),
-        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=_block_k(width), num_warps=num_warps,
+    _conv_bwd_pre_kernel[grid](
+        x, weight, bias, initial_state, seq_idx, grad_out, gpre, dweight, dbias,
+        channels, length, *x.stride(), *grad_out.stride(),
+        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
     )
+    dx = x.new_empty(x.shape)
+    dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else None
+    _conv_bwd_input_kernel[grid](
+        gpre, weight, seq_idx, grad_final_state, dx, dinit, channels, length,
+        WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=_block_k(width), num_warps=num_warps,
+    )
+    dinit = dinit if dinit is not None else x.new_empty(0)
     return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
 
 
