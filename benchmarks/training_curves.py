@@ -26,19 +26,18 @@ import hybrid_lm  # noqa: E402
 from hybrid_lm import experts_ops  # noqa: E402
 
 
-class RecordingTrainer(transformers.Trainer):
-    """Trainer that keeps the log history of its last run where the caller can read it."""
-
-    last_history: list = []
-
-    def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
-        RecordingTrainer.last_history = list(self.state.log_history)
-        return result
-
-
 def run(name: str, argv: list[str], references: bool) -> dict:
     """One quickstart run; returns {"name", "losses": {step: loss}, "held_out": loss}."""
+    history = []
+
+    class RecordingTrainer(transformers.Trainer):
+        """Trainer that hands its log history to this run."""
+
+        def train(self, *args, **kwargs):
+            result = super().train(*args, **kwargs)
+            history.extend(self.state.log_history)
+            return result
+
     patches = [mock.patch.object(quickstart, "Trainer", RecordingTrainer)]
     if references:
         config_class = hybrid_lm.HybridLMConfig
@@ -56,7 +55,7 @@ def run(name: str, argv: list[str], references: bool) -> dict:
     finally:
         for patch in reversed(patches):
             patch.stop()
-    losses = {entry["step"]: entry["loss"] for entry in RecordingTrainer.last_history if "loss" in entry}
+    losses = {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
     return {"name": name, "losses": losses, "held_out": result["loss_after"]}
 
 

@@ -66,6 +66,22 @@ def _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, src,
 
 
 @triton.jit
+def _pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t, doc,
+                    channels, length, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+                    HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
+    """bias + sum_k weight[:, k] * x_{t - (K - 1) + k}, float32 [BLOCK_D, P], for output positions t ([P]) of
+    document `doc` ([P], with seq_idx)."""
+    acc = tl.zeros([BLOCK_D, t.shape[0]], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(WIDTH):
+        w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+        acc += w[:, None] * _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d,
+                                        t - (WIDTH - 1) + k, doc, channels, length, WIDTH, HAS_INIT, HAS_SEQ)
+    return acc
+
+
+@triton.jit
 def _silu_grad(pre):
     sig = tl.sigmoid(pre)
     return sig * (1.0 + pre * (1.0 - sig))
@@ -96,14 +112,8 @@ def _conv_fwd_kernel(
     mask_d = offs_d < channels
     mask_t = t < length
     doc = tl.load(seq_ptr + batch * length + t, mask=mask_t, other=0) if HAS_SEQ else None
-    acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    for k in tl.static_range(WIDTH):
-        w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-        x = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, t - (WIDTH - 1) + k, doc,
-                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
-        acc += w[:, None] * x
+    acc = _pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t, doc,
+                          channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ, BLOCK_D)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     rows = batch * channels * length + offs_d.to(tl.int64) * length
@@ -157,14 +167,9 @@ def _conv_bwd_pre_kernel(
     gpre = tl.load(_tile(dout_ptr, (stride_dout_b, stride_dout_d, stride_dout_l), batch, offs_d, t), mask=mask,
                    other=0.0).to(tl.float32)
     if SILU:
-        pre = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        for k in tl.static_range(WIDTH):
-            w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-            pre += w[:, None] * _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d,
-                                            t - (WIDTH - 1) + k, doc, channels, length, WIDTH, HAS_INIT, HAS_SEQ)
-        gpre = gpre * _silu_grad(pre)
+        gpre = gpre * _silu_grad(_pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d,
+                                                 mask_d, t, doc, channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ,
+                                                 BLOCK_D))
     rows = batch * channels * length + offs_d.to(tl.int64) * length
     tl.store(gpre_ptr + rows[:, None] + t[None, :], gpre, mask=mask)
 
@@ -345,12 +350,11 @@ def _conv_bwd_launch(
         WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
     )
     dx = x.new_empty(x.shape)
-    dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else None
+    dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
     _conv_bwd_input_kernel[grid](
-        gpre, weight, seq_idx, grad_final_state, dx, dinit, channels, length,
+        gpre, weight, seq_idx, grad_final_state, dx, dinit if initial_state is not None else None, channels, length,
         WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=_block_k(width), num_warps=num_warps,
     )
-    dinit = dinit if dinit is not None else x.new_empty(0)
     return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
 
 
