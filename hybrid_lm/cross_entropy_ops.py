@@ -133,6 +133,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy takes hidden (N, H), weight (V, H) and labels (N,), got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(labels.shape)}")
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as autocast runs F.linear: the product in the autocast dtype; the Function then runs outside autocast
+        # (its preallocated gradients take its inputs' dtype), and autograd casts the gradients back
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels, divisor, ignore_index,
+                                        chunk_rows, use_kernel)
     if use_kernel is None:
         use_kernel = _rows_kernel_takes(hidden, weight)
     elif use_kernel and (cross_entropy_rows_triton is None or not triton_runs_on(hidden.device)

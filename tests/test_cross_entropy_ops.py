@@ -129,6 +129,41 @@ def test_training_loss_through_the_fused_head_equals_the_plain_head(extra):
             torch.testing.assert_close(got, want)
 
 
+on_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_cuda)])
+def test_under_autocast_the_loss_is_the_autocast_heads(device):
+    """Mixed precision as Trainer's bf16=True runs it: float32 hidden states and weight under autocast. The product
+    runs in bfloat16 as autocast runs F.linear, and the gradients come back in float32."""
+    h, w, labels = (t.detach().to(device) for t in inputs(rows=64, hidden=32, vocab=300))
+    h.requires_grad_(), w.requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, labels, chunk_rows=24)
+        logits = F.linear(h, w)
+    assert logits.dtype == torch.bfloat16
+    expected = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+    grads = torch.autograd.grad(loss, (h, w))
+    expected_grads = torch.autograd.grad(expected, (h, w))
+    assert loss.dtype == torch.float32 and [g.dtype for g in grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
+    for got, want in zip(grads, expected_grads):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_training_loss_under_autocast_through_the_fused_head_equals_the_plain_head():
+    input_ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, fused_grads = model_loss(tiny_model().train(), input_ids)
+        plain, plain_grads = model_loss(tiny_model(fused_loss=False).train(), input_ids)
+    assert fused.logits is None and plain.logits is not None
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-3, atol=1e-3)
+    for got, want in zip(fused_grads, plain_grads):
+        if want is not None:
+            assert got.dtype == want.dtype == torch.float32
+            assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
 def test_a_wrapped_head_keeps_the_plain_path():
     """LoRA on lm_head must not be bypassed by the fused loss, which reads the bare weight."""
     peft = pytest.importorskip("peft")
