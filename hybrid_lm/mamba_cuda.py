@@ -6,11 +6,12 @@ mamba-ssm 2.3's package `__init__` imports modules (and packages) that a plain t
 so the scan is called through its compiled extension `selective_scan_cuda` directly, with our own
 autograd wrapper; causal-conv1d is imported normally. Neither supports everything the reference does
 (mamba_scan_ref.py, mamba_conv_ref.py: the contract): `mamba_kernels.CudaKernels` routes calls that need an
-initial state, `seq_idx` or a differentiable final state to the Triton tier (see `scan_supports` /
-`conv_supports`). mamba-ssm's decoding step is itself a Triton kernel, so this tier decodes with ours.
+initial state or `seq_idx` (and, for the scan, a differentiable final state) to the Triton tier (see
+`scan_supports` / `conv_supports`). mamba-ssm's decoding step is itself a Triton kernel, so this tier decodes with ours.
 """
 
 import torch
+import torch.nn.functional as F
 
 try:  # transformers' remote-code loader skips imports inside try blocks
     import selective_scan_cuda
@@ -43,12 +44,13 @@ def scan_supports(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, r
     return not (return_final_state and wants_grad)
 
 
-def conv_supports(x, weight, bias, initial_state=None, seq_idx=None, return_final_state=False) -> bool:
-    """causal-conv1d takes widths 2 to 4, a bias of the weight's dtype, and an initial state, seq_idx or
-    a final state only in a channels-last layout (which we don't use)."""
+def conv_supports(x, weight, bias, initial_state=None, seq_idx=None) -> bool:
+    """causal-conv1d takes widths 2 to 4, a bias of the weight's dtype, and an initial state or seq_idx only in
+    a channels-last layout (which we don't use). The final state it does not return: `causal_conv1d_cuda_ext`
+    takes it from x."""
     if not x.is_cuda or not 2 <= weight.shape[1] <= 4 or (bias is not None and bias.dtype != weight.dtype):
         return False
-    return initial_state is None and seq_idx is None and not return_final_state
+    return initial_state is None and seq_idx is None
 
 
 class _SelectiveScanCuda(torch.autograd.Function):
@@ -86,10 +88,15 @@ def selective_scan_cuda_ext(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     return (out, final_state) if return_final_state else out
 
 
-def causal_conv1d_cuda_ext(x, weight, bias=None, activation=None):
-    """causal-conv1d's conv. x: (B, D, L); weight: (D, K); bias: (D,)."""
+def causal_conv1d_cuda_ext(x, weight, bias=None, activation=None, return_final_state=False):
+    """causal-conv1d's conv. x: (B, D, L); weight: (D, K); bias: (D,). With `return_final_state` also the final
+    state (B, D, K - 1): from no initial state and one document, the last K - 1 inputs, zeros before the first."""
     # a strided x would select causal-conv1d's channels-last kernel, which has its own constraints
-    return causal_conv1d_fn(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation=activation)
+    out = causal_conv1d_fn(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, activation=activation)
+    if not return_final_state:
+        return out
+    keep = weight.shape[1] - 1
+    return out, F.pad(x[..., -keep:], (max(keep - x.shape[-1], 0), 0)).contiguous()
 
 
 def causal_conv1d_update_cuda_ext(x, conv_state, weight, bias=None, activation=None):

@@ -180,10 +180,10 @@ class CudaKernels(TritonKernels):
 
     def causal_conv1d(self, x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,
                       return_final_state=False):
-        if conv_supports(x, weight, bias, initial_state, seq_idx, return_final_state):
-            return causal_conv1d_cuda_ext(x, weight, bias, activation)
-        _log_once("hybrid_lm: causal-conv1d takes no initial state, seq_idx or final state here (nor widths "
-                  "outside 2..4 or a bias of another dtype than the weight); such calls run on the 'triton' backend")
+        if conv_supports(x, weight, bias, initial_state, seq_idx):
+            return causal_conv1d_cuda_ext(x, weight, bias, activation, return_final_state)
+        _log_once("hybrid_lm: causal-conv1d takes no initial state or seq_idx here (nor widths outside 2..4 or a "
+                  "bias of another dtype than the weight); such calls run on the 'triton' backend")
         return super().causal_conv1d(x, weight, bias, initial_state, seq_idx, activation, return_final_state)
 
     def causal_conv1d_update(self, x, conv_state, weight, bias=None, activation=None):

@@ -186,14 +186,15 @@ def test_triton_tier_traces_as_one_graph():
         assert torch.isfinite(step(ids[:, :1])).all()
 
 
-def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
-    """With stand-ins for the compiled packages: calls they cannot compute (here: CPU tensors, an initial
-    state, seq_idx) run on the Triton kernels, and the results match the reference."""
-    def unreachable(*args, **kwargs):
-        raise AssertionError("the extension must not be called for this input")
+def unreachable(*args, **kwargs):
+    raise AssertionError("the extension must not be called for this input")
 
+
+def cuda_tier_with_stand_ins(monkeypatch, causal_conv1d_fn=unreachable):
+    """hybrid_lm.mamba_cuda imported over stand-ins for mamba-ssm and causal-conv1d (`causal_conv1d_fn` the
+    conv's), and wired into mamba_kernels for this test only. Returns the module."""
     conv_package = types.ModuleType("causal_conv1d")
-    conv_package.causal_conv1d_fn = conv_package.causal_conv1d_update = unreachable
+    conv_package.causal_conv1d_fn, conv_package.causal_conv1d_update = causal_conv1d_fn, unreachable
     monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
     monkeypatch.setitem(sys.modules, "causal_conv1d", conv_package)
     monkeypatch.delitem(sys.modules, "hybrid_lm.mamba_cuda", raising=False)
@@ -205,6 +206,13 @@ def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
                  "causal_conv1d_update_cuda_ext"):  # what mamba_kernels imports from mamba_cuda
         monkeypatch.setattr(mamba_kernels, name, getattr(mamba_cuda, name), raising=False)
     monkeypatch.setattr(mamba_kernels, "_CUDA_ERROR", None)
+    return mamba_cuda
+
+
+def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
+    """With stand-ins for the compiled packages: calls they cannot compute (here: CPU tensors, an initial
+    state, seq_idx) run on the Triton kernels, and the results match the reference."""
+    cuda_tier_with_stand_ins(monkeypatch)
     cuda = CudaKernels()
     device = DEVICE
     u, delta = torch.randn(1, 3, 6, device=device), torch.rand(1, 3, 6, device=device)
@@ -217,6 +225,59 @@ def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
     expected = causal_conv1d_ref(u, weight, initial_state=conv_init, seq_idx=seq_idx, activation="silu")
     actual = cuda.causal_conv1d(u, weight, initial_state=conv_init, seq_idx=seq_idx, activation="silu")
     assert torch.allclose(actual, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 9], ids=lambda n: f"L{n}")
+def test_cuda_conv_takes_the_final_state_from_its_input(monkeypatch, length):
+    """causal-conv1d returns no final state: from no initial state and one document it is the last K - 1
+    inputs (zeros before the first), as the reference computes it; gradients through it reach x. causal-conv1d
+    is the reference here (a stand-in), so what is tested is the final state around it."""
+    mamba_cuda = cuda_tier_with_stand_ins(
+        monkeypatch, lambda x, weight, bias, activation: causal_conv1d_ref(x, weight, bias, activation=activation))
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(2, 3, length, generator=g, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    out, final_state = mamba_cuda.causal_conv1d_cuda_ext(x, weight, bias, "silu", return_final_state=True)
+    expected_out, expected_state = causal_conv1d_ref(x, weight, bias, activation="silu", return_final_state=True)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    torch.testing.assert_close(final_state, expected_state, rtol=0, atol=0)
+    grad_state = torch.randn(final_state.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out.sum(), final_state), x, (None, grad_state))
+    expected = torch.autograd.grad((expected_out.sum(), expected_state), x, (None, grad_state))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(CudaKernels.import_error() is not None, reason="needs mamba-ssm and causal-conv1d")
+def test_cuda_tier_matches_the_reference_on_the_gpu():
+    """The real extensions: scan and conv with their gradients, and the conv's final state (a prefill into a
+    cache), against the references in float32."""
+    cuda = CudaKernels()
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).cuda().requires_grad_()
+
+    u, delta, z = rand(2, 64, 300), rand(2, 64, 300, scale=0.5), rand(2, 64, 300)
+    A = (-torch.rand(64, 16, generator=g) - 0.5).cuda().requires_grad_()
+    B, C, D, bias = rand(2, 16, 300), rand(2, 16, 300), rand(64), rand(64, scale=0.3)
+    leaves = (u, delta, A, B, C, D, z, bias)
+
+    def out_and_grads(scan):
+        out = scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
+        return (out, *torch.autograd.grad(out.square().sum(), leaves))
+
+    for actual, expected in zip(out_and_grads(cuda.selective_scan), out_and_grads(selective_scan_ref)):
+        assert ((actual - expected).norm() / expected.norm()).item() < 1e-4
+    weight, conv_bias = rand(64, 4), rand(64)
+    for length in (2, 300):
+        x = u[..., :length]
+        out, state = cuda.causal_conv1d(x, weight, conv_bias, activation="silu", return_final_state=True)
+        expected_out, expected_state = causal_conv1d_ref(x, weight, conv_bias, activation="silu",
+                                                         return_final_state=True)
+        torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state, expected_state, rtol=0, atol=0)
 
 
 def test_op_namespace_differs_for_a_remote_code_copy():
