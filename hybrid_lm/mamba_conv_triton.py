@@ -167,9 +167,9 @@ def _conv_bwd_pre_kernel(
     gpre = tl.load(_tile(dout_ptr, (stride_dout_b, stride_dout_d, stride_dout_l), batch, offs_d, t), mask=mask,
                    other=0.0).to(tl.float32)
     if SILU:
-        gpre = gpre * _silu_grad(_pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d,
-                                                 mask_d, t, doc, channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ,
-                                                 BLOCK_D))
+        pre = _pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t, doc,
+                              channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ, BLOCK_D)
+        gpre = gpre * _silu_grad(pre)
     rows = batch * channels * length + offs_d.to(tl.int64) * length
     tl.store(gpre_ptr + rows[:, None] + t[None, :], gpre, mask=mask)
 
