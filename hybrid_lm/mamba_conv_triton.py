@@ -1,6 +1,6 @@
 """Causal depthwise conv1d of the Mamba mixer: the Triton tier, forward, backward and the decoding step.
 
-Shape legend: B = batch, D = channels, L = length, K = kernel width, P = time steps per program.
+Shape legend: B = batch, D = channels, L = length, K = kernel width (at most 9 here), P = positions per program.
 The op's contract is the docstring of mamba_conv_ref.py, whose `causal_conv1d_ref` / `causal_conv1d_update_ref`
 this file's public functions mirror:
 
@@ -10,12 +10,17 @@ with inputs before the sequence taken from `initial_state` (document of the row'
 under `seq_idx`, inputs of another document counted as zero. Arithmetic is float32; outputs are
 rounded once to x's dtype.
 
-Each program owns a [BLOCK_D, P] tile of positions and reads the K shifted input tiles it needs (the
-overlap is served by the cache). The backward runs in two passes: the first recomputes the pre-activation
-over output positions and stores its gradient (float32, one tensor the size of x) with per-program partial
-sums of dweight / dbias that torch adds up (deterministic, no atomics); the second gathers the input gradient
-from K shifted tiles of it. (One pass would recompute the pre-activation at the K outputs each input feeds:
-K^2 shifted loads against 2K + K here.)
+Each program owns a [BLOCK_D, P] tile of positions. A tile shifted by one position is not 16-byte aligned, so the
+K shifted views the formula needs cannot be loaded as vectors, and Triton has no shift of a tile held in registers.
+So each tile is loaded whole (three tiles in all: the previous, this and the next 8 positions, all aligned) and
+split in registers into its 8 *components*: component e holds positions 8g + e of each group g of 8 positions.
+Position 8g + m is then component m of this group for 0 <= m < 8, component m + 8 of the tile 8 positions back for
+m < 0 and component m - 8 of the tile 8 positions on for m >= 8, so every shifted view is a component, and each
+output component is a sum of K of them. The backward runs in one pass: it recomputes the pre-activation
+gradient at this group's 8 positions and the next group's first K - 1, from which each input gathers its gradient
+(the outputs s .. s + K - 1 it feeds), and sums this program's partial dweight / dbias, which torch adds up
+(deterministic, no atomics). DRAM traffic is that of the formula: x read once forward; x and dout read, dx
+written, once backward.
 """
 
 from typing import NamedTuple
@@ -33,6 +38,9 @@ from .mamba_conv_ref import activation_fn
 
 _NS = op_namespace(__name__)
 
+# The widest kernel the component scheme takes: K - 1 earlier positions must lie within one group of 8.
+MAX_WIDTH = 9
+
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -46,38 +54,77 @@ def _tile(ptr, strides, batch, offs_d, t):
 
 
 @triton.jit
-def _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, src, doc, channels, length,
-                WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """x[batch, offs_d, src] as float32 [BLOCK_D, P], from initial_state where src < 0, zero where src is
-    outside [-(K - 1), L) or (with seq_idx) belongs to another document than `doc` ([P])."""
-    inside = (src >= 0) & (src < length)
-    value = tl.load(_tile(x_ptr, x_strides, batch, offs_d, src), mask=mask_d[:, None] & inside[None, :], other=0.0)
+def _inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, p, channels, length, WIDTH: tl.constexpr,
+            HAS_INIT: tl.constexpr):
+    """x[batch, offs_d, p] as float32 [BLOCK_D, P]: from initial_state where -(K - 1) <= p < 0, zero where p is
+    outside [-(K - 1), L)."""
+    inside = (p >= 0) & (p < length)
+    value = tl.load(_tile(x_ptr, x_strides, batch, offs_d, p), mask=mask_d[:, None] & inside[None, :], other=0.0)
     value = value.to(tl.float32)
     if HAS_INIT:
-        before = (src < 0) & (src >= 1 - WIDTH)
+        before = (p < 0) & (p >= 1 - WIDTH)
         init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1) + (WIDTH - 1)
-        value += tl.load(init_ptr + init_rows[:, None] + src[None, :], mask=mask_d[:, None] & before[None, :],
+        value += tl.load(init_ptr + init_rows[:, None] + p[None, :], mask=mask_d[:, None] & before[None, :],
                          other=0.0).to(tl.float32)
-    if HAS_SEQ:
-        # the carried-in state belongs to the row's first document
-        src_doc = tl.load(seq_ptr + batch * length + tl.maximum(src, 0), mask=src < length, other=0)
-        value = tl.where((src_doc == doc)[None, :], value, 0.0)
     return value
 
 
 @triton.jit
-def _pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t, doc,
-                    channels, length, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
-    """bias + sum_k weight[:, k] * x_{t - (K - 1) + k}, float32 [BLOCK_D, P], for output positions t ([P]) of
-    document `doc` ([P], with seq_idx)."""
-    acc = tl.zeros([BLOCK_D, t.shape[0]], dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    for k in tl.static_range(WIDTH):
+def _documents(seq_ptr, batch, p, length):
+    """seq_idx[batch, p] as [1, P]; positions before the sequence belong to its first document (the carried-in
+    state's); positions past its end are ids of no consequence (their inputs and output gradients are zero)."""
+    return tl.load(seq_ptr + batch * length + tl.maximum(p, 0), mask=p < length, other=0)[None, :]
+
+
+@triton.jit
+def _split8(v):
+    """[R, 8G] -> its 8 components [R, G], component e holding positions 8g + e. Each thread holds 8 consecutive
+    positions of a loaded tile, so the split moves no data between threads."""
+    v = tl.reshape(v, (v.shape[0], v.shape[1] // 8, 2, 2, 2))  # position 8g + 4a + 2b + c
+    c0, c1 = tl.split(v)
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    e0, e4 = tl.split(c0b0)
+    e2, e6 = tl.split(c0b1)
+    e1, e5 = tl.split(c1b0)
+    e3, e7 = tl.split(c1b1)
+    return e0, e1, e2, e3, e4, e5, e6, e7
+
+
+@triton.jit
+def _join8(parts):
+    """The inverse of `_split8`: 8 components [R, G] -> [R, 8G]."""
+    c0 = tl.join(tl.join(parts[0], parts[4]), tl.join(parts[2], parts[6]))
+    c1 = tl.join(tl.join(parts[1], parts[5]), tl.join(parts[3], parts[7]))
+    v = tl.join(c0, c1)
+    return tl.reshape(v, (v.shape[0], v.shape[1] * 8))
+
+
+@triton.jit
+def _at(before, here, after, m: tl.constexpr):
+    """Position 8g + m of each group g (-8 <= m < 16), from the components of the tiles 8 positions back, here and
+    8 positions on."""
+    if m < 0:
+        return before[m + 8]
+    elif m < 8:
+        return here[m]
+    else:
+        return after[m - 8]
+
+
+@triton.jit
+def _pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m: tl.constexpr, WIDTH: tl.constexpr,
+                    HAS_SEQ: tl.constexpr):
+    """bias + sum_k weight[:, k] * x at 8g + m - (K - 1) + k, float32 [BLOCK_D, G]; xs and docs are the (before,
+    here, after) components of x and (with seq_idx) of the document ids."""
+    acc = bias
+    for k in tl.static_range(WIDTH):  # the input at 8g + m - (K - 1) + k
+        x = _at(xs[0], xs[1], xs[2], m - (WIDTH - 1) + k)
+        if HAS_SEQ:
+            same = _at(docs[0], docs[1], docs[2], m - (WIDTH - 1) + k) == _at(docs[0], docs[1], docs[2], m)
+            x = tl.where(same, x, 0.0)
         w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-        acc += w[:, None] * _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d,
-                                        t - (WIDTH - 1) + k, doc, channels, length, WIDTH, HAS_INIT, HAS_SEQ)
+        acc += w[:, None] * x
     return acc
 
 
@@ -85,6 +132,14 @@ def _pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, b
 def _silu_grad(pre):
     sig = tl.sigmoid(pre)
     return sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _program_tile(BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, channels):
+    """This program's batch row, channels [BLOCK_D] (and their mask) and first position."""
+    batch = tl.program_id(2).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return batch, offs_d, offs_d < channels, tl.program_id(0) * BLOCK_L
 
 
 # The conv's optional inputs: a None tensor turns its HAS_* flag off. With K = 1 the initial and final states are
@@ -104,21 +159,29 @@ def _conv_fwd_kernel(
     SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """x: (B, D, L) of strides stride_x_*; out: (B, D, L); weight: (D, K); bias: (D,); init: (B, D, K - 1);
-    seq: (B, L); each of bias, init, seq may be None. All but x contiguous."""
+    seq: (B, L); each of bias, init, seq may be None. All but x contiguous. BLOCK_L: a multiple of 8."""
     x_strides = (stride_x_b, stride_x_d, stride_x_l)
-    batch = tl.program_id(2).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d = offs_d < channels
-    mask_t = t < length
-    doc = tl.load(seq_ptr + batch * length + t, mask=mask_t, other=0) if HAS_SEQ else None
-    acc = _pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t, doc,
-                          channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ, BLOCK_D)
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
+    batch, offs_d, mask_d, t0 = _program_tile(BLOCK_D, BLOCK_L, channels)
+    t = t0 + tl.arange(0, BLOCK_L)
+    here = _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t, channels, length, WIDTH, HAS_INIT))
+    xs = (_split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t - 8, channels, length, WIDTH,
+                          HAS_INIT)), here, here)
+    docs = xs  # unused without seq_idx
+    if HAS_SEQ:
+        docs_here = _split8(_documents(seq_ptr, batch, t, length))
+        docs = (_split8(_documents(seq_ptr, batch, t - 8, length)), docs_here, docs_here)
+    bias = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    out = ()
+    for e in tl.static_range(8):
+        acc = _pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, e, WIDTH, HAS_SEQ)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        out = out + (acc,)
     rows = batch * channels * length + offs_d.to(tl.int64) * length
-    tl.store(out_ptr + rows[:, None] + t[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_d[:, None] & mask_t[None, :])
+    tl.store(out_ptr + rows[:, None] + t[None, :], _join8(out).to(out_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (t < length)[None, :])
 
 
 @triton.heuristics(_has_init_seq)
@@ -130,117 +193,126 @@ def _conv_final_state_kernel(
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """final: (B, D, K - 1), the last K - 1 inputs, zero where they belong to an earlier document than the last."""
-    x_strides = (stride_x_b, stride_x_d, stride_x_l)
     batch = tl.program_id(1).to(tl.int64)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_K)
     mask_d = offs_d < channels
-    doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * j) if HAS_SEQ else None
-    value = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, length - (WIDTH - 1) + j, doc,
-                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
+    p = length - (WIDTH - 1) + j
+    value = _inputs(x_ptr, (stride_x_b, stride_x_d, stride_x_l), init_ptr, batch, offs_d, mask_d, p, channels,
+                    length, WIDTH, HAS_INIT)
+    if HAS_SEQ:
+        last = _documents(seq_ptr, batch, length - 1 + 0 * j, length)
+        value = tl.where(_documents(seq_ptr, batch, p, length) == last, value, 0.0)
     final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
     tl.store(final_ptr + final_rows[:, None] + j[None, :], value.to(final_ptr.dtype.element_ty),
              mask=mask_d[:, None] & (j < WIDTH - 1)[None, :])
 
 
-@triton.heuristics({**_has_bias, **_has_init_seq})
+@triton.heuristics({**_has_bias, **_has_init_seq, "HAS_DFINAL": lambda args: args["dfinal_ptr"] is not None
+                    and args["WIDTH"] > 1})
 @triton.jit
-def _conv_bwd_pre_kernel(
-    x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, gpre_ptr, dweight_ptr, dbias_ptr,
+def _conv_bwd_kernel(
+    x_ptr, weight_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, dfinal_ptr, dx_ptr, dinit_ptr, dweight_ptr, dbias_ptr,
     channels, length, stride_x_b, stride_x_d, stride_x_l, stride_dout_b, stride_dout_d, stride_dout_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """The backward's first pass, over output positions t: the pre-activation gradient
-    gpre_t = dout_t * act'(pre_t) into gpre (B, D, L) float32, and this program's partial sums of
-    dweight (B, nP, D, K) and dbias (B, nP, D), float32. Other inputs as in `_conv_fwd_kernel`, plus dout
-    (B, D, L) of strides stride_dout_*."""
+    """The backward over input positions s of a tile: dx (B, D, L) and, in the first program of each row, dinit
+    (B, D, K - 1); this program's partial sums of dweight (B, nP, D, K) and dbias (B, nP, D), float32. dout
+    (B, D, L) of strides stride_dout_*; dfinal (B, D, K - 1) or None; other inputs as in `_conv_fwd_kernel`.
+    Input s feeds outputs s .. s + K - 1 of its own document, whose pre-activation gradients
+    dout_t * act'(pre_t) are recomputed here: this group's 8 and the next group's first K - 1."""
     x_strides = (stride_x_b, stride_x_d, stride_x_l)
-    pid_l = tl.program_id(0)
-    batch = tl.program_id(2).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d = offs_d < channels
-    mask_t = t < length
-    mask = mask_d[:, None] & mask_t[None, :]
-    doc = tl.load(seq_ptr + batch * length + t, mask=mask_t, other=0) if HAS_SEQ else None
-    gpre = tl.load(_tile(dout_ptr, (stride_dout_b, stride_dout_d, stride_dout_l), batch, offs_d, t), mask=mask,
-                   other=0.0).to(tl.float32)
-    if SILU:
-        pre = _pre_activation(x_ptr, x_strides, weight_ptr, bias_ptr, init_ptr, seq_ptr, batch, offs_d, mask_d, t, doc,
-                              channels, length, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ, BLOCK_D)
-        gpre = gpre * _silu_grad(pre)
-    rows = batch * channels * length + offs_d.to(tl.int64) * length
-    tl.store(gpre_ptr + rows[:, None] + t[None, :], gpre, mask=mask)
-
-    partial = (batch * tl.num_programs(0) + pid_l) * channels + offs_d
-    for k in tl.static_range(WIDTH):  # the shifted inputs again: the first pass's loads are still in the cache
-        x = _load_input(x_ptr, x_strides, init_ptr, seq_ptr, batch, offs_d, mask_d, t - (WIDTH - 1) + k, doc,
-                        channels, length, WIDTH, HAS_INIT, HAS_SEQ)
-        tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(gpre * x, axis=1), mask=mask_d)
+    batch, offs_d, mask_d, t0 = _program_tile(BLOCK_D, BLOCK_L, channels)
+    t = t0 + tl.arange(0, BLOCK_L)
+    xs = (
+        _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t - 8, channels, length, WIDTH, HAS_INIT)),
+        _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t, channels, length, WIDTH, HAS_INIT)),
+        _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t + 8, channels, length, WIDTH, HAS_INIT)),
+    )
+    dout_strides = (stride_dout_b, stride_dout_d, stride_dout_l)
+    douts = ()
+    for shift in tl.static_range(2):
+        p = t + 8 * shift
+        inside = mask_d[:, None] & (p < length)[None, :]
+        douts = douts + (_split8(tl.load(_tile(dout_ptr, dout_strides, batch, offs_d, p), mask=inside,
+                                         other=0.0).to(tl.float32)),)
+    docs = xs  # unused without seq_idx
+    if HAS_SEQ:
+        docs = (_split8(_documents(seq_ptr, batch, t - 8, length)), _split8(_documents(seq_ptr, batch, t, length)),
+                _split8(_documents(seq_ptr, batch, t + 8, length)))
+    bias = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
     if HAS_BIAS:
-        tl.store(dbias_ptr + partial, tl.sum(gpre, axis=1), mask=mask_d)
+        bias += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
 
+    gpre = ()  # dL/d(pre) at 8g + m, m = 0 .. 8 + K - 2
+    for m in tl.static_range(8 + WIDTH - 1):
+        g = _at(douts[0], douts[0], douts[1], m)
+        if SILU:
+            g = g * _silu_grad(_pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m, WIDTH, HAS_SEQ))
+        gpre = gpre + (g,)
 
-@triton.jit
-def _input_grad(gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, batch, offs_d, mask_d, s, channels, length,
-                WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradient of the inputs at positions s ([P], may be negative: initial-state positions), from the
-    pre-activation gradient gpre (B, D, L): input s feeds outputs s .. s + K - 1 of its own document."""
-    src_doc = tl.load(seq_ptr + batch * length + tl.maximum(s, 0), mask=s < length, other=0) if HAS_SEQ else None
-    rows = batch * channels * length + offs_d.to(tl.int64) * length
-    grad = tl.zeros([BLOCK_D, s.shape[0]], dtype=tl.float32)
-    for j in tl.static_range(WIDTH):
-        t = s + j  # the output that input s reaches through weight[:, K - 1 - j]
-        valid = (t >= 0) & (t < length)
-        if HAS_SEQ:
-            doc = tl.load(seq_ptr + batch * length + t, mask=valid, other=0)
-            valid = valid & (doc == src_doc)
-        gpre = tl.load(gpre_ptr + rows[:, None] + t[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
-        w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-        grad += w[:, None] * gpre
-    if HAS_DFINAL:
-        # final_state[j] is input L - (K - 1) + j when it belongs to the last document
-        j_final = s - (length - (WIDTH - 1))
+    dx = ()
+    for e in tl.static_range(8):
+        grad = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+        for j in tl.static_range(WIDTH):  # the output at 8g + e + j, through weight[:, K - 1 - j]
+            g = gpre[e + j]
+            if HAS_SEQ:
+                g = tl.where(_at(docs[0], docs[1], docs[2], e + j) == docs[1][e], g, 0.0)
+            w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+            grad += w[:, None] * g
+        dx = dx + (grad,)
+    grad = _join8(dx)
+    if HAS_DFINAL:  # final_state[j] is input L - (K - 1) + j when it belongs to the last document
+        j_final = t - (length - (WIDTH - 1))
         is_final = (j_final >= 0) & (j_final < WIDTH - 1)
         if HAS_SEQ:
-            last_doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * s)
-            is_final = is_final & (src_doc == last_doc)
+            last = _documents(seq_ptr, batch, length - 1 + 0 * t, length)
+            is_final = is_final[None, :] & (_documents(seq_ptr, batch, t, length) == last)
+        else:
+            is_final = is_final[None, :]
         final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
-        grad += tl.load(dfinal_ptr + final_rows[:, None] + j_final[None, :], mask=mask_d[:, None] & is_final[None, :],
+        grad += tl.load(dfinal_ptr + final_rows[:, None] + j_final[None, :], mask=mask_d[:, None] & is_final,
                         other=0.0).to(tl.float32)
-    return grad
-
-
-@triton.heuristics({**given_flags(HAS_SEQ="seq_ptr"),
-                    "HAS_INIT": lambda args: args["dinit_ptr"] is not None and args["WIDTH"] > 1,
-                    "HAS_DFINAL": lambda args: args["dfinal_ptr"] is not None and args["WIDTH"] > 1})
-@triton.jit
-def _conv_bwd_input_kernel(
-    gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, dx_ptr, dinit_ptr, channels, length,
-    WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The backward's second pass, over input positions s: dx (B, D, L) and, in the first program of each row,
-    dinit (B, D, K - 1), from gpre (B, D, L) float32 and dfinal (B, D, K - 1)."""
-    pid_l = tl.program_id(0)
-    batch = tl.program_id(2).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d = offs_d < channels
-    grad = _input_grad(gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, batch, offs_d, mask_d, s, channels, length,
-                       WIDTH, HAS_SEQ, HAS_DFINAL, BLOCK_D)
     rows = batch * channels * length + offs_d.to(tl.int64) * length
-    tl.store(dx_ptr + rows[:, None] + s[None, :], grad.to(dx_ptr.dtype.element_ty),
-             mask=mask_d[:, None] & (s < length)[None, :])
-    if HAS_INIT:  # the initial state's positions -(K - 1) .. -1, once per row
-        if pid_l == 0:
-            s_init = tl.arange(0, BLOCK_K) - (WIDTH - 1)
-            grad_init = _input_grad(gpre_ptr, weight_ptr, seq_ptr, dfinal_ptr, batch, offs_d, mask_d, s_init, channels,
-                                    length, WIDTH, HAS_SEQ, HAS_DFINAL, BLOCK_D)
-            init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1) + (WIDTH - 1)
-            tl.store(dinit_ptr + init_rows[:, None] + s_init[None, :], grad_init.to(dinit_ptr.dtype.element_ty),
-                     mask=mask_d[:, None] & (s_init < 0)[None, :])
+    tl.store(dx_ptr + rows[:, None] + t[None, :], grad.to(dx_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (t < length)[None, :])
+
+    partial = (batch * tl.num_programs(0) + tl.program_id(0)) * channels + offs_d
+    for k in tl.static_range(WIDTH):
+        products = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+        for e in tl.static_range(8):
+            x = _at(xs[0], xs[1], xs[2], e - (WIDTH - 1) + k)
+            if HAS_SEQ:
+                x = tl.where(_at(docs[0], docs[1], docs[2], e - (WIDTH - 1) + k) == docs[1][e], x, 0.0)
+            products += gpre[e] * x
+        tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(products, axis=1), mask=mask_d)
+    if HAS_BIAS:
+        total = gpre[0]
+        for e in tl.static_range(1, 8):
+            total += gpre[e]
+        tl.store(dbias_ptr + partial, tl.sum(total, axis=1), mask=mask_d)
+    if HAS_INIT:  # the initial state's positions -(K - 1) + i, i = 0 .. K - 2, once per row
+        if tl.program_id(0) == 0:
+            first = (tl.arange(0, BLOCK_L // 8) == 0)[None, :]  # group 0: positions 0 .. 7
+            init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
+            for i in tl.static_range(WIDTH - 1):
+                grad_init = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+                for j in tl.static_range(WIDTH - 1 - i, WIDTH):  # outputs i - (K - 1) + j >= 0
+                    g = gpre[i - (WIDTH - 1) + j]
+                    if HAS_SEQ:
+                        g = tl.where(docs[1][i - (WIDTH - 1) + j] == docs[1][0], g, 0.0)
+                    w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+                    grad_init += w[:, None] * g
+                grad_init = tl.sum(tl.where(first, grad_init, 0.0), axis=1)
+                if HAS_DFINAL:  # with L < K - 1 the final state holds initial-state inputs too
+                    slot = i - length + 0 * offs_d  # this input's slot in the final state
+                    in_final = mask_d & (slot >= 0) & (slot < WIDTH - 1)
+                    if HAS_SEQ:
+                        first_doc = tl.load(seq_ptr + batch * length + 0 * offs_d)
+                        in_final = in_final & (first_doc == tl.load(seq_ptr + batch * length + length - 1 + 0 * offs_d))
+                    grad_init += tl.load(dfinal_ptr + init_rows + slot, mask=in_final, other=0.0).to(tl.float32)
+                tl.store(dinit_ptr + init_rows + i, grad_init.to(dinit_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.heuristics(_has_bias)
@@ -278,8 +350,8 @@ def _conv_update_kernel(
 
 
 class ConvTiles(NamedTuple):
-    """Tile sizes of the conv kernels: each program owns BLOCK_D channels by BLOCK_L positions, run by `num_warps`
-    warps. The defaults were timed on an H100 (`python benchmarks/mamba_ops.py --sweep`)."""
+    """Tile sizes of the conv kernels: each program owns BLOCK_D channels by BLOCK_L positions (a multiple of 8), run
+    by `num_warps` warps. The defaults were timed on an H100 (`python benchmarks/mamba_ops.py --sweep`)."""
 
     block_d: int = 16
     block_l: int = 128
@@ -340,20 +412,15 @@ def _conv_bwd_launch(
         t.contiguous() if t is not None else None for t in (weight, initial_state, seq_idx, grad_final_state)
     )
     n_blocks = triton.cdiv(length, block_l)
-    grid = (n_blocks, triton.cdiv(channels, block_d), batch)
-    gpre = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-    dweight = torch.empty(batch, n_blocks, channels, width, device=x.device, dtype=torch.float32)
-    dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
-    _conv_bwd_pre_kernel[grid](
-        x, weight, bias, initial_state, seq_idx, grad_out, gpre, dweight, dbias,
-        channels, length, *x.stride(), *grad_out.stride(),
-        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
-    )
     dx = x.new_empty(x.shape)
     dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
-    _conv_bwd_input_kernel[grid](
-        gpre, weight, seq_idx, grad_final_state, dx, dinit if initial_state is not None else None, channels, length,
-        WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=_block_k(width), num_warps=num_warps,
+    dweight = torch.empty(batch, n_blocks, channels, width, device=x.device, dtype=torch.float32)
+    dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, block_d), batch)](
+        x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state, dx,
+        dinit if initial_state is not None else None, dweight, dbias,
+        channels, length, *x.stride(), *grad_out.stride(),
+        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
     )
     return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
 
@@ -439,13 +506,20 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None,
                          return_final_state=False, tiles: ConvTiles | None = None):
     """The causal depthwise convolution over a whole sequence: `mamba_conv_ref.causal_conv1d_ref`'s arguments,
     shapes and results, differentiable in x, weight, bias and initial_state; x (and its gradient) may have any
-    strides. `tiles`: the kernels' tile sizes, None takes `ConvTiles()`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
+    strides, and are read fastest with unit stride along L. Kernel widths up to MAX_WIDTH (ValueError beyond).
+    `tiles`: the kernels' tile sizes, None takes `ConvTiles()`. Takes float32, bfloat16 and float16 tensors (TypeError otherwise)."""
     _check_conv_inputs("causal_conv1d_triton", x, weight, bias, activation, initial_state=initial_state)
     if x.dim() != 3 or x.shape[1] != weight.shape[0] or x.shape[2] == 0:
         raise ValueError(
             f"x must be (batch, {weight.shape[0]}, length >= 1) for weight {tuple(weight.shape)}, got {tuple(x.shape)}"
         )
     batch, channels, length = x.shape
+    if weight.shape[1] > MAX_WIDTH:
+        raise ValueError(f"causal_conv1d_triton takes kernel widths up to {MAX_WIDTH}, got {weight.shape[1]}; "
+                         "use mamba_conv_ref.causal_conv1d_ref (kernel_backend='torch') for wider kernels")
+    tiles = tiles or ConvTiles()
+    if tiles.block_l % 8:
+        raise ValueError(f"the conv tiles' block_l must be a multiple of 8 positions, got {tiles.block_l}")
     if initial_state is not None and tuple(initial_state.shape) != (batch, channels, weight.shape[1] - 1):
         raise ValueError(
             f"initial_state has shape {tuple(initial_state.shape)}, expected {(batch, channels, weight.shape[1] - 1)}"
@@ -456,7 +530,7 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, seq_idx=None,
     # x stays in its layout: the kernels read any strides.
     weight, initial_state, seq_idx = (t.contiguous() if t is not None else None for t in (weight, initial_state, seq_idx))
     return _CausalConv1dTriton.apply(x, weight, bias, initial_state, seq_idx, activation is not None,
-                                     tiles or ConvTiles(), bool(return_final_state))
+                                     tiles, bool(return_final_state))
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):

@@ -33,6 +33,7 @@ from .mamba_scan_ref import selective_scan_ref, selective_state_update_ref
 # The fast tiers' packages are optional: a missing one is kept and raised, with its install command, when the
 # tier is asked for. (transformers' remote-code checks skip imports inside try blocks; it still copies the files.)
 try:
+    from .mamba_conv_triton import MAX_WIDTH as MAX_CONV_WIDTH
     from .mamba_conv_triton import causal_conv1d_triton, causal_conv1d_update_triton
     from .mamba_scan_triton import selective_scan_triton, selective_state_update_triton
 except ImportError as error:
@@ -144,7 +145,7 @@ class TritonKernels(MambaKernels):
     def causal_conv1d(self, x, weight, bias=None, initial_state=None, seq_idx=None, activation=None,
                       return_final_state=False):
         args = (x, weight, bias, initial_state, seq_idx, activation, return_final_state)
-        if not has_triton_dtypes(x, weight, bias, initial_state):
+        if not has_triton_dtypes(x, weight, bias, initial_state) or weight.shape[1] > MAX_CONV_WIDTH:
             return super().causal_conv1d(*args)
         return causal_conv1d_triton(*args, tiles=self.conv_tiles)
 

@@ -26,7 +26,7 @@ OPTIONAL_TENSOR = {"HAS_D": "D_ptr", "HAS_Z": "z_ptr", "HAS_BIAS": "bias_ptr", "
 TILES = {"BLOCK_D": 16, "BLOCK_T": 64, "BLOCK_L": 128, "BLOCK_K": 4, "BLOCK_N": 16, "BLOCK_M": 4, "BLOCK_H": 1024,
          "BLOCK_V": 4096, "WIDTH": 4}
 FLOAT32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "states_ptr", "adjoint_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
-                    "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr", "loss_ptr", "gpre_ptr", "dweight_ptr"}
+                    "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr", "loss_ptr", "dweight_ptr"}
 INT64_POINTERS = {"seq_ptr", "labels_ptr"}
 
 

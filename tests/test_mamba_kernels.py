@@ -227,6 +227,15 @@ def test_cuda_backend_sends_what_the_extensions_lack_to_triton(monkeypatch):
     assert torch.allclose(actual, expected, atol=1e-5)
 
 
+def test_triton_tier_sends_wider_convs_than_its_kernels_take_to_the_reference():
+    """The Triton conv takes widths up to MAX_WIDTH; a model with a wider `mamba_d_conv` still runs on the tier."""
+    from hybrid_lm.mamba_conv_triton import MAX_WIDTH
+
+    x, weight = torch.randn(1, 3, 12, device=DEVICE), torch.randn(3, MAX_WIDTH + 2, device=DEVICE)
+    expected = causal_conv1d_ref(x, weight, activation="silu")
+    assert torch.allclose(TritonKernels().causal_conv1d(x, weight, activation="silu"), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("length", [1, 2, 3, 9], ids=lambda n: f"L{n}")
 def test_cuda_conv_takes_the_final_state_from_its_input(monkeypatch, length):
     """causal-conv1d returns no final state: from no initial state and one document it is the last K - 1

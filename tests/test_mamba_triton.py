@@ -187,6 +187,22 @@ def test_causal_conv1d_tiny(short_chunks, batch, channels, length, width, dtype,
     check_conv(batch, channels, length, width, dtype, **options, **short_chunks[1])
 
 
+@pytest.mark.parametrize("width", [4, 9])
+@pytest.mark.parametrize("block_l", [16, 32])
+def test_causal_conv1d_tiles_of_several_groups(block_l, width):
+    """The kernels split each tile into components of 8 positions; tiles of several groups shift values between
+    groups inside a tile as well as between tiles (every option on, the widest kernel they take included)."""
+    check_conv(2, 5, 45, width, torch.float32, tiles=ConvTiles(block_d=4, block_l=block_l))
+
+
+def test_causal_conv1d_rejects_what_its_kernels_cannot_take():
+    x, weight = torch.randn(1, 4, 8, device=DEVICE), torch.randn(4, mamba_conv_triton.MAX_WIDTH + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="widths up to"):
+        causal_conv1d_triton(x, weight)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        causal_conv1d_triton(x, weight[:, :4], tiles=ConvTiles(block_l=12))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_causal_conv1d_reads_the_input_projections_layout(short_chunks, dtype, monkeypatch):
     """The mixer hands the conv x as a (B, D, L) view of the (B, L, 2D) input projection (channel stride 1), and
