@@ -164,8 +164,9 @@ def _conv_fwd_kernel(
     batch, offs_d, mask_d, t0 = _program_tile(BLOCK_D, BLOCK_L, channels)
     t = t0 + tl.arange(0, BLOCK_L)
     here = _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t, channels, length, WIDTH, HAS_INIT))
-    xs = (_split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t - 8, channels, length, WIDTH,
-                          HAS_INIT)), here, here)
+    before = _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t - 8, channels, length, WIDTH,
+                             HAS_INIT))
+    xs = (before, here, here)  # outputs read no later inputs: the third slot is never taken
     docs = xs  # unused without seq_idx
     if HAS_SEQ:
         docs_here = _split8(_documents(seq_ptr, batch, t, length))
@@ -247,7 +248,7 @@ def _conv_bwd_kernel(
 
     gpre = ()  # dL/d(pre) at 8g + m, m = 0 .. 8 + K - 2
     for m in tl.static_range(8 + WIDTH - 1):
-        g = _at(douts[0], douts[0], douts[1], m)
+        g = _at(douts[0], douts[0], douts[1], m)  # m >= 0: the first slot is never taken
         if SILU:
             g = g * _silu_grad(_pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m, WIDTH, HAS_SEQ))
         gpre = gpre + (g,)
@@ -310,7 +311,8 @@ def _conv_bwd_kernel(
                     in_final = mask_d & (slot >= 0) & (slot < WIDTH - 1)
                     if HAS_SEQ:
                         first_doc = tl.load(seq_ptr + batch * length + 0 * offs_d)
-                        in_final = in_final & (first_doc == tl.load(seq_ptr + batch * length + length - 1 + 0 * offs_d))
+                        last_doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * offs_d)
+                        in_final = in_final & (first_doc == last_doc)
                     grad_init += tl.load(dfinal_ptr + init_rows + slot, mask=in_final, other=0.0).to(tl.float32)
                 tl.store(dinit_ptr + init_rows + i, grad_init.to(dinit_ptr.dtype.element_ty), mask=mask_d)
 
