@@ -4,8 +4,9 @@
 
 Selective scan (bf16, with z, D, dt bias + softplus) forward and forward+backward at the shapes of
 issue #7, the causal conv1d (width 4, bias, silu), and the two decoding steps. Each time is the median
-of `triton.testing.do_bench`; bytes/s count each input read once and each output written once, and are
-compared with a device-to-device copy measured in the same run. `--sweep` instead times alternatives to the
+of `triton.testing.do_bench`, a wall time that includes host time at small shapes; the conv rows add each side's
+GPU kernel time (torch.profiler), which is what a step whose host runs ahead pays. Bytes/s count each input read
+once and each output written once, and are compared with a device-to-device copy measured in the same run. `--sweep` instead times alternatives to the
 kernels' tile choices. mamba-ssm's package `__init__` imports modules
 a bare machine may lack, so its submodules are imported without running it.
 """
@@ -33,6 +34,7 @@ from hybrid_lm.mamba_scan_triton import (
     selective_scan_triton,
     selective_state_update_triton,
 )
+from timing import gpu_ms  # benchmarks/timing.py
 
 SCAN_SHAPES = [(4, 2048, 2048, 16), (1, 4096, 16384, 16), (8, 2048, 1024, 64)]
 CONV_SHAPES = [(4, 2048, 2048), (1, 4096, 16384), (8, 2048, 1024)]
@@ -136,6 +138,14 @@ def sweep_conv_tiles(shape):
               f"fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
 
 
+def conv_row(shape, name, kernels, bytes_moved, bandwidth, ours=float("nan"), theirs=float("nan"), ref=float("nan")):
+    """One row of the conv table; `kernels`: (ours, causal-conv1d's) GPU ms; `bytes_moved`: the bytes the pass must
+    move (x in and out forward; x, dout in and dx out backward)."""
+    rate = bytes_moved / kernels[0] * 1e3
+    return (f"| {shape} | {name} | {ours:.3f} | {theirs:.3f} | {ref:.3f} | {kernels[0]:.4f} | {kernels[1]:.4f} | "
+            f"{kernels[0] / kernels[1]:.2f} | {rate / 1e9:.0f} ({rate / bandwidth:.0%}) |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="only time alternative tile choices")
@@ -171,29 +181,40 @@ def main():
             print(lines[-1], flush=True)
         del inputs
 
-    lines += ["", "| causal conv1d (B, D, L), K=4, bf16 | pass | triton ms | causal-conv1d ms | torch ms | triton / causal-conv1d | triton GB/s (of copy) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| causal conv1d (B, D, L), K=4, bf16 | pass | triton ms | causal-conv1d ms | torch ms | triton GPU ms | "
+              "causal-conv1d GPU ms | triton / causal-conv1d (GPU) | triton GB/s (of copy, GPU) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for batch, channels, length in CONV_SHAPES:
         x = torch.randn(batch, channels, length, device="cuda", dtype=torch.bfloat16)
         weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
         grad = torch.randn_like(x)
-        for backward in (False, True):
-            def timed(fn):
-                leaves = [t.detach().requires_grad_(backward) for t in (x, weight, bias)]
 
-                def run():
-                    out = fn(*leaves, activation="silu")
-                    if backward:
-                        out.backward(grad)
-                return bench(run)
-            ours = timed(causal_conv1d_triton)
-            theirs = timed(conv_fn) if conv_fn else float("nan")
-            ref = timed(causal_conv1d_ref)
-            rate = x.numel() * 2 * (2 if not backward else 5) / ours * 1e3  # x in, out; + x, dout in, dx out
-            lines.append(f"| {(batch, channels, length)} | {'fwd+bwd' if backward else 'fwd'} | {ours:.3f} | {theirs:.3f} | "
-                         f"{ref:.3f} | {ours / theirs:.2f} | {rate / 1e9:.0f} ({rate / bandwidth:.0%}) |")
+        def step(fn, backward):
+            leaves = [t.detach().requires_grad_(backward) for t in (x, weight, bias)]
+
+            def run():
+                out = fn(*leaves, activation="silu")
+                if backward:
+                    for leaf in leaves:  # no accumulation kernels into earlier gradients
+                        leaf.grad = None
+                    out.backward(grad)
+            return run
+        # wall times (do_bench) include host time at small shapes; the GPU columns are the kernels' own time
+        # (torch.profiler), and the bwd row is fwd+bwd minus fwd in it
+        kernels = {}
+        for backward in (False, True):
+            ours = bench(step(causal_conv1d_triton, backward))
+            theirs = bench(step(conv_fn, backward)) if conv_fn else float("nan")
+            ref = bench(step(causal_conv1d_ref, backward))
+            kernels[backward] = (gpu_ms(step(causal_conv1d_triton, backward), 50),
+                                 gpu_ms(step(conv_fn, backward), 50) if conv_fn else float("nan"))
+            lines.append(conv_row((batch, channels, length), "fwd+bwd" if backward else "fwd", kernels[backward],
+                                  x.numel() * 2 * (5 if backward else 2), bandwidth, ours, theirs, ref))
             print(lines[-1], flush=True)
+        backward_only = tuple(both - fwd for both, fwd in zip(kernels[True], kernels[False]))
+        lines.append(conv_row((batch, channels, length), "bwd", backward_only, x.numel() * 2 * 3, bandwidth))
+        print(lines[-1], flush=True)
 
     lines += ["", "| decoding step (B, D, N) | op | triton ms | mamba-ssm / causal-conv1d ms | torch ms | ratio |",
               "| --- | --- | --- | --- | --- | --- |"]

@@ -14,7 +14,6 @@ rstd left out) for every implementation, so the column compares speed on one sca
 """
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,39 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hybrid_lm.rms_norm_ops import rms_norm_torch_fused, rms_norm_ref
+from timing import gpu_ms, time_ms  # noqa: E402
 
 EPS = 1e-6
 DEFAULT_SHAPES = [(8192, 1024), (16384, 4096)]
-
-
-def time_ms(fn, reps: int, warmup: int = 10, flush: bool = True) -> float:
-    """Median milliseconds of `fn()` over `reps` runs, each between two CUDA events."""
-    scratch = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if flush else None  # larger than the L2
-    for _ in range(warmup):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        if scratch is not None:
-            scratch.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
-
-
-def gpu_ms(fn, reps: int) -> float:
-    """Mean milliseconds of GPU kernel time of `fn()` over `reps` runs (torch.profiler), host time left out."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / reps / 1000
 
 
 def _inputs(rows: int, hidden: int, dtype: torch.dtype, residual: bool):
