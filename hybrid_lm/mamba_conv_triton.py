@@ -19,8 +19,9 @@ m < 0 and component m - 8 of the tile 8 positions on for m >= 8, so every shifte
 output component is a sum of K of them. The backward runs in one pass: it recomputes the pre-activation
 gradient at this group's 8 positions and the next group's first K - 1, from which each input gathers its gradient
 (the outputs s .. s + K - 1 it feeds), and sums this program's partial dweight / dbias, which torch adds up
-(deterministic, no atomics). DRAM traffic is that of the formula: x read once forward; x and dout read, dx
-written, once backward.
+(deterministic, no atomics). The shifted tiles overlap this program's and its neighbours' own, which the cache
+holds, so the DRAM traffic is about that of the formula: x read once forward; x and dout read, dx written, once
+backward.
 """
 
 from typing import NamedTuple
@@ -78,8 +79,9 @@ def _documents(seq_ptr, batch, p, length):
 
 @triton.jit
 def _split8(v):
-    """[R, 8G] -> its 8 components [R, G], component e holding positions 8g + e. Each thread holds 8 consecutive
-    positions of a loaded tile, so the split moves no data between threads."""
+    """[R, 8G] -> its 8 components [R, G], component e holding positions 8g + e. In a loaded bf16 / fp16 tile each
+    thread holds 8 consecutive positions (one 16-byte vector), so the split moves no data between threads (for
+    float32 tiles, 4 a vector, the compiler moves half of them through shared memory)."""
     v = tl.reshape(v, (v.shape[0], v.shape[1] // 8, 2, 2, 2))  # position 8g + 4a + 2b + c
     c0, c1 = tl.split(v)
     c0b0, c0b1 = tl.split(c0)
