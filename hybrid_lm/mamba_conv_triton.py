@@ -271,7 +271,7 @@ def _conv_bwd_kernel(
         is_final = (j_final >= 0) & (j_final < WIDTH - 1)
         if HAS_SEQ:
             last = _documents(seq_ptr, batch, length - 1 + 0 * t, length)
-            is_final = is_final[None, :] & (_documents(seq_ptr, batch, t, length) == last)
+            is_final = is_final[None, :] & (_join8(docs[1]) == last)  # the documents of t, loaded above
         else:
             is_final = is_final[None, :]
         final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)

@@ -40,6 +40,18 @@ def _variants(fn):
         yield {**dict.fromkeys(flags, True), flag: False}
 
 
+def _signature(fn, constants: dict) -> dict:
+    """Triton types of a kernel's arguments: constexpr for `constants`, pointers by name (bf16 unless listed above),
+    32-bit integers for the rest."""
+    def type_of(arg):
+        if arg in constants:
+            return "constexpr"
+        if arg.endswith("_ptr"):
+            return "*i64" if arg in INT64_POINTERS else "*fp32" if arg in FLOAT32_POINTERS else "*bf16"
+        return "i32"
+    return {arg: type_of(arg) for arg in fn.arg_names}
+
+
 def compile_all(module_name: str) -> list[str]:
     """Compiles every `*_kernel` of the module in every variant; returns one line per failure."""
     import importlib
@@ -58,16 +70,8 @@ def compile_all(module_name: str) -> list[str]:
             for flag, value in flags.items():
                 if not value and OPTIONAL_TENSOR.get(flag) in fn.arg_names:
                     constants[OPTIONAL_TENSOR[flag]] = None
-            signature = {}
-            for arg in fn.arg_names:
-                if arg in constants:
-                    signature[arg] = "constexpr"
-                elif arg.endswith("_ptr"):
-                    signature[arg] = "*i64" if arg in INT64_POINTERS else "*fp32" if arg in FLOAT32_POINTERS else "*bf16"
-                else:
-                    signature[arg] = "i32"
             try:
-                triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
+                triton.compile(ASTSource(fn, _signature(fn, constants), constants), target=GPUTarget("cuda", 90, 32))
             except Exception as error:  # report every failing variant, not the first
                 cause = error
                 while (cause.__cause__ or cause.__context__) is not None:
@@ -95,11 +99,9 @@ def conv_global_loads() -> dict:
                      "HAS_INIT": False, "HAS_SEQ": False, "HAS_DFINAL": False, "stride_x_l": 1, "stride_dout_l": 1,
                      "init_ptr": None, "seq_ptr": None, "dfinal_ptr": None, "dinit_ptr": None}
         constants = {k: v for k, v in constants.items() if k in fn.arg_names}
-        signature = {arg: "constexpr" if arg in constants else "*fp32" if arg in FLOAT32_POINTERS
-                     else "*bf16" if arg.endswith("_ptr") else "i32" for arg in fn.arg_names}
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg not in constants}
-        kernel = triton.compile(ASTSource(fn, signature, constants, aligned), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": tiles.num_warps})
+        source = ASTSource(fn, _signature(fn, constants), constants, aligned)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
         ptx = kernel.asm["ptx"]
         counts[name] = (len(re.findall(r"ld\.global", ptx)), len(re.findall(r"ld\.global[^;]*\.v4", ptx)))
     return counts
