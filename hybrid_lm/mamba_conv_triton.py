@@ -18,8 +18,9 @@ Position 8g + m is then component m of this group for 0 <= m < 8, component m + 
 m < 0 and component m - 8 of the tile 8 positions on for m >= 8, so every shifted view is a component, and each
 output component is a sum of K of them. The backward runs in one pass: it recomputes the pre-activation
 gradient at this group's 8 positions and the next group's first K - 1, from which each input gathers its gradient
-(the outputs s .. s + K - 1 it feeds), and sums this program's partial dweight / dbias, which torch adds up
-(deterministic, no atomics). The shifted tiles overlap this program's and its neighbours' own, which the cache
+(the outputs s .. s + K - 1 it feeds). Each backward program walks a few consecutive tiles and keeps its partial
+dweight / dbias in registers; a small second kernel adds the partials up in a fixed order (deterministic, no
+atomics) and writes them in the weights' dtypes. The shifted tiles overlap this program's and its neighbours' own, which the cache
 holds, so the DRAM traffic is about that of the formula: x read once forward; x and dout read, dx written, once
 backward.
 """
@@ -219,104 +220,139 @@ def _conv_bwd_kernel(
     channels, length, stride_x_b, stride_x_d, stride_x_l, stride_dout_b, stride_dout_d, stride_dout_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_K: tl.constexpr, TILES: tl.constexpr,
 ):
-    """The backward over input positions s of a tile: dx (B, D, L) and, in the first program of each row, dinit
-    (B, D, K - 1); this program's partial sums of dweight (B, nP, D, K) and dbias (B, nP, D), float32. dout
-    (B, D, L) of strides stride_dout_*; dfinal (B, D, K - 1) or None; other inputs as in `_conv_fwd_kernel`.
-    Input s feeds outputs s .. s + K - 1 of its own document, whose pre-activation gradients
+    """The backward over input positions s of TILES consecutive tiles: dx (B, D, L) and, in the first program of
+    each row, dinit (B, D, K - 1); this program's partial sums of dweight (B, nP, D, K) and dbias (B, nP, D),
+    float32. dout (B, D, L) of strides stride_dout_*; dfinal (B, D, K - 1) or None; other inputs as in
+    `_conv_fwd_kernel`. Input s feeds outputs s .. s + K - 1 of its own document, whose pre-activation gradients
     dout_t * act'(pre_t) are recomputed here: this group's 8 and the next group's first K - 1."""
     x_strides = (stride_x_b, stride_x_d, stride_x_l)
-    batch, offs_d, mask_d, t0 = _program_tile(BLOCK_D, BLOCK_L, channels)
-    t = t0 + tl.arange(0, BLOCK_L)
-    xs = (
-        _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t - 8, channels, length, WIDTH, HAS_INIT)),
-        _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t, channels, length, WIDTH, HAS_INIT)),
-        _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t + 8, channels, length, WIDTH, HAS_INIT)),
-    )
     dout_strides = (stride_dout_b, stride_dout_d, stride_dout_l)
-    douts = ()
-    for shift in tl.static_range(2):
-        p = t + 8 * shift
-        inside = mask_d[:, None] & (p < length)[None, :]
-        douts = douts + (_split8(tl.load(_tile(dout_ptr, dout_strides, batch, offs_d, p), mask=inside,
-                                         other=0.0).to(tl.float32)),)
-    docs = xs  # unused without seq_idx
-    if HAS_SEQ:
-        docs = (_split8(_documents(seq_ptr, batch, t - 8, length)), _split8(_documents(seq_ptr, batch, t, length)),
-                _split8(_documents(seq_ptr, batch, t + 8, length)))
+    batch, offs_d, mask_d, start = _program_tile(BLOCK_D, BLOCK_L * TILES, channels)
     bias = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-
-    gpre = ()  # dL/d(pre) at 8g + m, m = 0 .. 8 + K - 2
-    for m in tl.static_range(8 + WIDTH - 1):
-        g = _at(douts[0], douts[0], douts[1], m)  # m >= 0: the first slot is never taken
-        if SILU:
-            g = g * _silu_grad(_pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m, WIDTH, HAS_SEQ))
-        gpre = gpre + (g,)
-
-    dx = ()
-    for e in tl.static_range(8):
-        grad = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
-        for j in tl.static_range(WIDTH):  # the output at 8g + e + j, through weight[:, K - 1 - j]
-            g = gpre[e + j]
-            if HAS_SEQ:
-                g = tl.where(_at(docs[0], docs[1], docs[2], e + j) == docs[1][e], g, 0.0)
-            w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-            grad += w[:, None] * g
-        dx = dx + (grad,)
-    grad = _join8(dx)
-    if HAS_DFINAL:  # final_state[j] is input L - (K - 1) + j when it belongs to the last document
-        j_final = t - (length - (WIDTH - 1))
-        is_final = (j_final >= 0) & (j_final < WIDTH - 1)
+    k_index = tl.arange(0, BLOCK_K)[None, :]
+    dweight = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile in range(tl.minimum(TILES, tl.cdiv(length - start, BLOCK_L))):
+        t = start + tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        xs = (
+            _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t - 8, channels, length, WIDTH,
+                            HAS_INIT)),
+            _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t, channels, length, WIDTH, HAS_INIT)),
+            _split8(_inputs(x_ptr, x_strides, init_ptr, batch, offs_d, mask_d, t + 8, channels, length, WIDTH,
+                            HAS_INIT)),
+        )
+        douts = ()
+        for shift in tl.static_range(2):
+            p = t + 8 * shift
+            inside = mask_d[:, None] & (p < length)[None, :]
+            douts = douts + (_split8(tl.load(_tile(dout_ptr, dout_strides, batch, offs_d, p), mask=inside,
+                                             other=0.0).to(tl.float32)),)
+        docs = xs  # unused without seq_idx
         if HAS_SEQ:
-            last = _documents(seq_ptr, batch, length - 1 + 0 * t, length)
-            is_final = is_final[None, :] & (_join8(docs[1]) == last)  # the documents of t, loaded above
-        else:
-            is_final = is_final[None, :]
-        final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
-        grad += tl.load(dfinal_ptr + final_rows[:, None] + j_final[None, :], mask=mask_d[:, None] & is_final,
-                        other=0.0).to(tl.float32)
-    rows = batch * channels * length + offs_d.to(tl.int64) * length
-    tl.store(dx_ptr + rows[:, None] + t[None, :], grad.to(dx_ptr.dtype.element_ty),
-             mask=mask_d[:, None] & (t < length)[None, :])
+            docs = (_split8(_documents(seq_ptr, batch, t - 8, length)), _split8(_documents(seq_ptr, batch, t, length)),
+                    _split8(_documents(seq_ptr, batch, t + 8, length)))
+
+        gpre = ()  # dL/d(pre) at 8g + m, m = 0 .. 8 + K - 2
+        for m in tl.static_range(8 + WIDTH - 1):
+            g = _at(douts[0], douts[0], douts[1], m)  # m >= 0: the first slot is never taken
+            if SILU:
+                g = g * _silu_grad(_pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m, WIDTH, HAS_SEQ))
+            gpre = gpre + (g,)
+
+        dx = ()
+        for e in tl.static_range(8):
+            grad = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+            for j in tl.static_range(WIDTH):  # the output at 8g + e + j, through weight[:, K - 1 - j]
+                g = gpre[e + j]
+                if HAS_SEQ:
+                    g = tl.where(_at(docs[0], docs[1], docs[2], e + j) == docs[1][e], g, 0.0)
+                w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+                grad += w[:, None] * g
+            dx = dx + (grad,)
+        grad = _join8(dx)
+        if HAS_DFINAL:  # final_state[j] is input L - (K - 1) + j when it belongs to the last document
+            j_final = t - (length - (WIDTH - 1))
+            is_final = (j_final >= 0) & (j_final < WIDTH - 1)
+            if HAS_SEQ:
+                last = _documents(seq_ptr, batch, length - 1 + 0 * t, length)
+                is_final = is_final[None, :] & (_join8(docs[1]) == last)  # the documents of t, loaded above
+            else:
+                is_final = is_final[None, :]
+            final_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
+            grad += tl.load(dfinal_ptr + final_rows[:, None] + j_final[None, :], mask=mask_d[:, None] & is_final,
+                            other=0.0).to(tl.float32)
+        rows = batch * channels * length + offs_d.to(tl.int64) * length
+        tl.store(dx_ptr + rows[:, None] + t[None, :], grad.to(dx_ptr.dtype.element_ty),
+                 mask=mask_d[:, None] & (t < length)[None, :])
+
+        for k in tl.static_range(WIDTH):
+            products = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+            for e in tl.static_range(8):
+                x = _at(xs[0], xs[1], xs[2], e - (WIDTH - 1) + k)
+                if HAS_SEQ:
+                    x = tl.where(_at(docs[0], docs[1], docs[2], e - (WIDTH - 1) + k) == docs[1][e], x, 0.0)
+                products += gpre[e] * x
+            dweight += tl.where(k_index == k, tl.sum(products, axis=1)[:, None], 0.0)
+        if HAS_BIAS:
+            total = gpre[0]
+            for e in tl.static_range(1, 8):
+                total += gpre[e]
+            dbias += tl.sum(total, axis=1)
+        if HAS_INIT:  # the initial state's positions -(K - 1) + i, i = 0 .. K - 2, once per row
+            if start + tile * BLOCK_L == 0:
+                first = (tl.arange(0, BLOCK_L // 8) == 0)[None, :]  # group 0: positions 0 .. 7
+                init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
+                for i in tl.static_range(WIDTH - 1):
+                    grad_init = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+                    for j in tl.static_range(WIDTH - 1 - i, WIDTH):  # outputs i - (K - 1) + j >= 0
+                        g = gpre[i - (WIDTH - 1) + j]
+                        if HAS_SEQ:
+                            g = tl.where(docs[1][i - (WIDTH - 1) + j] == docs[1][0], g, 0.0)
+                        w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d,
+                                    other=0.0).to(tl.float32)
+                        grad_init += w[:, None] * g
+                    grad_init = tl.sum(tl.where(first, grad_init, 0.0), axis=1)
+                    if HAS_DFINAL:  # with L < K - 1 the final state holds initial-state inputs too
+                        slot = i - length + 0 * offs_d  # this input's slot in the final state
+                        in_final = mask_d & (slot >= 0) & (slot < WIDTH - 1)
+                        if HAS_SEQ:
+                            first_doc = tl.load(seq_ptr + batch * length + 0 * offs_d)
+                            last_doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * offs_d)
+                            in_final = in_final & (first_doc == last_doc)
+                        grad_init += tl.load(dfinal_ptr + init_rows + slot, mask=in_final, other=0.0).to(tl.float32)
+                    tl.store(dinit_ptr + init_rows + i, grad_init.to(dinit_ptr.dtype.element_ty), mask=mask_d)
 
     partial = (batch * tl.num_programs(0) + tl.program_id(0)) * channels + offs_d
-    for k in tl.static_range(WIDTH):
-        products = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
-        for e in tl.static_range(8):
-            x = _at(xs[0], xs[1], xs[2], e - (WIDTH - 1) + k)
-            if HAS_SEQ:
-                x = tl.where(_at(docs[0], docs[1], docs[2], e - (WIDTH - 1) + k) == docs[1][e], x, 0.0)
-            products += gpre[e] * x
-        tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(products, axis=1), mask=mask_d)
+    tl.store(dweight_ptr + partial[:, None] * WIDTH + k_index, dweight, mask=mask_d[:, None] & (k_index < WIDTH))
+    tl.store(dbias_ptr + partial, dbias, mask=mask_d)
+
+
+@triton.heuristics(given_flags(HAS_BIAS="dbias_ptr"))
+@triton.jit
+def _conv_bwd_sum_kernel(
+    partial_dweight_ptr, partial_dbias_ptr, dweight_ptr, dbias_ptr, partials, channels,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dweight (D, K) and dbias (D,) in their own dtypes: the sums over the backward programs' float32 partials
+    (partials, D, K) and (partials, D), in a fixed order."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = tl.arange(0, BLOCK_K)[None, :]
+    mask_d = offs_d < channels
+    mask = mask_d[:, None] & (k < WIDTH)
+    dweight = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for partial in range(partials):
+        rows = partial * channels + offs_d
+        dweight += tl.load(partial_dweight_ptr + rows[:, None] * WIDTH + k, mask=mask, other=0.0)
+        if HAS_BIAS:
+            dbias += tl.load(partial_dbias_ptr + rows, mask=mask_d, other=0.0)
+    tl.store(dweight_ptr + offs_d[:, None] * WIDTH + k, dweight.to(dweight_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
-        total = gpre[0]
-        for e in tl.static_range(1, 8):
-            total += gpre[e]
-        tl.store(dbias_ptr + partial, tl.sum(total, axis=1), mask=mask_d)
-    if HAS_INIT:  # the initial state's positions -(K - 1) + i, i = 0 .. K - 2, once per row
-        if tl.program_id(0) == 0:
-            first = (tl.arange(0, BLOCK_L // 8) == 0)[None, :]  # group 0: positions 0 .. 7
-            init_rows = (batch * channels + offs_d.to(tl.int64)) * (WIDTH - 1)
-            for i in tl.static_range(WIDTH - 1):
-                grad_init = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
-                for j in tl.static_range(WIDTH - 1 - i, WIDTH):  # outputs i - (K - 1) + j >= 0
-                    g = gpre[i - (WIDTH - 1) + j]
-                    if HAS_SEQ:
-                        g = tl.where(docs[1][i - (WIDTH - 1) + j] == docs[1][0], g, 0.0)
-                    w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-                    grad_init += w[:, None] * g
-                grad_init = tl.sum(tl.where(first, grad_init, 0.0), axis=1)
-                if HAS_DFINAL:  # with L < K - 1 the final state holds initial-state inputs too
-                    slot = i - length + 0 * offs_d  # this input's slot in the final state
-                    in_final = mask_d & (slot >= 0) & (slot < WIDTH - 1)
-                    if HAS_SEQ:
-                        first_doc = tl.load(seq_ptr + batch * length + 0 * offs_d)
-                        last_doc = tl.load(seq_ptr + batch * length + length - 1 + 0 * offs_d)
-                        in_final = in_final & (first_doc == last_doc)
-                    grad_init += tl.load(dfinal_ptr + init_rows + slot, mask=in_final, other=0.0).to(tl.float32)
-                tl.store(dinit_ptr + init_rows + i, grad_init.to(dinit_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(dbias_ptr + offs_d, dbias.to(dbias_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.heuristics(_has_bias)
@@ -355,11 +391,13 @@ def _conv_update_kernel(
 
 class ConvTiles(NamedTuple):
     """Tile sizes of the conv kernels: each program owns BLOCK_D channels by BLOCK_L positions (a multiple of 8), run
-    by `num_warps` warps. The defaults were timed on an H100 (`python benchmarks/mamba_ops.py --sweep`)."""
+    by `num_warps` warps; a backward program walks `backward_tiles` consecutive tiles, summing its partial dweight
+    and dbias in registers. The defaults were timed on an H100 (`python benchmarks/mamba_ops.py --sweep`)."""
 
     block_d: int = 16
     block_l: int = 128
     num_warps: int = 4
+    backward_tiles: int = 4
 
 
 def _block_k(width: int) -> int:
@@ -407,36 +445,46 @@ def _(x, weight, bias, initial_state, seq_idx, silu, with_final_state, block_d, 
 def _conv_bwd_launch(
     grad_out: torch.Tensor, grad_final_state: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
     bias: torch.Tensor | None, initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool,
-    block_d: int, block_l: int, num_warps: int,
+    block_d: int, block_l: int, num_warps: int, backward_tiles: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dx, d(initial_state) (empty when it is None), dweight and dbias (float32; empty when None)."""
+    """Returns dx, d(initial_state) (empty when it is None), dweight and dbias (in their tensors' dtypes; dbias
+    empty when bias is None)."""
     batch, channels, length = x.shape
     width = weight.shape[1]
     weight, initial_state, seq_idx, grad_final_state = (
         t.contiguous() if t is not None else None for t in (weight, initial_state, seq_idx, grad_final_state)
     )
-    n_blocks = triton.cdiv(length, block_l)
+    n_programs = triton.cdiv(length, block_l * backward_tiles)
     dx = x.new_empty(x.shape)
     dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
-    dweight = torch.empty(batch, n_blocks, channels, width, device=x.device, dtype=torch.float32)
-    dbias = torch.empty(batch, n_blocks, channels, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(n_blocks, triton.cdiv(channels, block_d), batch)](
+    partial_dweight = torch.empty(batch, n_programs, channels, width, device=x.device, dtype=torch.float32)
+    partial_dbias = torch.empty(batch, n_programs, channels, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(n_programs, triton.cdiv(channels, block_d), batch)](
         x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state, dx,
-        dinit if initial_state is not None else None, dweight, dbias,
+        dinit if initial_state is not None else None, partial_dweight, partial_dbias,
         channels, length, *x.stride(), *grad_out.stride(),
-        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps,
+        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=triton.next_power_of_2(width), TILES=backward_tiles,
+        num_warps=num_warps,
     )
-    return dx, dinit, dweight.sum((0, 1)), dbias.sum((0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
+    dweight = weight.new_empty(weight.shape)
+    dbias = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    sum_block_d = min(triton.next_power_of_2(channels), 128)
+    _conv_bwd_sum_kernel[(triton.cdiv(channels, sum_block_d),)](
+        partial_dweight, partial_dbias, dweight, dbias if bias is not None else None, batch * n_programs, channels,
+        WIDTH=width, BLOCK_D=sum_block_d, BLOCK_K=triton.next_power_of_2(width),
+    )
+    return dx, dinit, dweight, dbias
 
 
 _causal_conv1d_bwd = torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", _conv_bwd_launch, mutates_args=())
 
 
 @_causal_conv1d_bwd.register_fake
-def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu, block_d, block_l, num_warps):
+def _(grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, silu, block_d, block_l, num_warps,
+      backward_tiles):
     dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
-    dbias = x.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32)
-    return x.new_empty(x.shape), dinit, weight.new_empty(weight.shape, dtype=torch.float32), dbias
+    dbias = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), dinit, weight.new_empty(weight.shape), dbias
 
 
 _conv_fwd = eager_or_op(_conv_fwd_launch, _causal_conv1d_fwd)
@@ -450,7 +498,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, seq_idx, silu, tiles, return_final_state):
         out, final_state = _conv_fwd(x, weight, bias, initial_state, seq_idx, silu, return_final_state,
-                                              *tiles)
+                                     tiles.block_d, tiles.block_l, tiles.num_warps)
         ctx.save_for_backward(x, weight, bias, initial_state, seq_idx)
         ctx.silu, ctx.tiles = silu, tiles
         return (out, final_state) if return_final_state else out
@@ -462,8 +510,8 @@ class _CausalConv1dTriton(torch.autograd.Function):
             grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu, *ctx.tiles
         )
         return (
-            dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
-            dinit if initial_state is not None else None, None, None, None, None,
+            dx, dweight, dbias if bias is not None else None, dinit if initial_state is not None else None,
+            None, None, None, None,
         )
 
 

@@ -96,6 +96,7 @@ def conv_global_loads() -> dict:
     for name in ("_conv_fwd_kernel", "_conv_bwd_kernel"):
         fn = getattr(mamba_conv_triton, name).fn
         constants = {"WIDTH": 4, "SILU": True, "BLOCK_D": tiles.block_d, "BLOCK_L": tiles.block_l, "HAS_BIAS": True,
+                     "BLOCK_K": 4, "TILES": tiles.backward_tiles,
                      "HAS_INIT": False, "HAS_SEQ": False, "HAS_DFINAL": False, "stride_x_l": 1, "stride_dout_l": 1,
                      "init_ptr": None, "seq_ptr": None, "dfinal_ptr": None, "dinit_ptr": None}
         constants = {k: v for k, v in constants.items() if k in fn.arg_names}

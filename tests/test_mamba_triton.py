@@ -188,11 +188,13 @@ def test_causal_conv1d_tiny(short_chunks, batch, channels, length, width, dtype,
 
 
 @pytest.mark.parametrize("width", [4, 9])
-@pytest.mark.parametrize("block_l", [16, 32])
-def test_causal_conv1d_tiles_of_several_groups(block_l, width):
+@pytest.mark.parametrize("block_l, backward_tiles", [(16, 1), (16, 4), (32, 1), (32, 2)])
+def test_causal_conv1d_tiles_of_several_groups(block_l, backward_tiles, width):
     """The kernels split each tile into components of 8 positions; tiles of several groups shift values between
-    groups inside a tile as well as between tiles (every option on, the widest kernel they take included)."""
-    check_conv(2, 5, 45, width, torch.float32, tiles=ConvTiles(block_d=4, block_l=block_l))
+    groups inside a tile as well as between tiles (every option on, the widest kernel they take included). A
+    backward program walks one tile or several (45 positions: 3 tiles of 16, 2 of 32), the last one partial."""
+    check_conv(2, 5, 45, width, torch.float32,
+               tiles=ConvTiles(block_d=4, block_l=block_l, backward_tiles=backward_tiles))
 
 
 def test_causal_conv1d_rejects_what_its_kernels_cannot_take():
@@ -264,10 +266,11 @@ def test_custom_ops_pass_opcheck():
             grad_final_state is not None, 8, 4), test_utils=tests)
     conv = (u, rand(3, 4), rand(3), rand(1, 3, 3), seq_idx, True)
     for with_final_state in (True, False):
-        torch.library.opcheck(mamba_conv_triton._causal_conv1d_fwd, (*conv, with_final_state, *ConvTiles(block_l=8)),
+        torch.library.opcheck(mamba_conv_triton._causal_conv1d_fwd, (*conv, with_final_state, 16, 8, 4),
                               test_utils=tests)
-    torch.library.opcheck(mamba_conv_triton._causal_conv1d_bwd, (rand(1, 3, 9), rand(1, 3, 3), *conv,
-                                                                 *ConvTiles(block_l=8)), test_utils=tests)
+    conv_tiles = (16, 8, 4, 2)  # block_d, block_l, num_warps, backward_tiles: one backward program walks both tiles
+    torch.library.opcheck(mamba_conv_triton._causal_conv1d_bwd, (rand(1, 3, 9), rand(1, 3, 3), *conv, *conv_tiles),
+                          test_utils=tests)
     step_args = (rand(2, 3, 2), rand(2, 3), rand(2, 3), A, rand(2, 2), rand(2, 2), rand(3), rand(2, 3), rand(3), True)
     torch.library.opcheck(mamba_scan_triton._selective_state_update, step_args, test_utils=tests)
     torch.library.opcheck(mamba_conv_triton._causal_conv1d_update, (rand(2, 3), rand(2, 3, 3), rand(3, 4), rand(3), True),
