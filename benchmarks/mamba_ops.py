@@ -123,19 +123,29 @@ def sweep_scan_tiles(shapes):
         del inputs
 
 
-def sweep_conv_tiles(shape):
-    """Times (BLOCK_D, BLOCK_L, warps) alternatives to the conv kernels' `ConvTiles()`."""
-    batch, channels, length = shape
-    x = torch.randn(batch, channels, length, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn_like(x)
-    for tiles in map(ConvTiles._make, [(16, 128, 4), (8, 256, 4), (4, 512, 4), (32, 64, 4), (16, 256, 8), (64, 64, 8)]):
-        conv = functools.partial(causal_conv1d_triton, activation="silu", tiles=tiles)
-        fwd = bench(lambda conv=conv: conv(x.detach(), weight.detach(), bias.detach()))
-        both = bench(lambda conv=conv: conv(x, weight, bias).backward(grad))
-        print(f"# conv sweep {shape} BLOCK_D={tiles.block_d} BLOCK_L={tiles.block_l} warps={tiles.num_warps}: "
-              f"fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
+def sweep_conv_tiles(shapes):
+    """Times alternatives to the conv kernels' `ConvTiles()`: the forward's (BLOCK_D, BLOCK_L, warps) and the
+    backward's (BLOCK_D, BLOCK_L, warps, tiles a program walks), each by its kernels' GPU time (every kernel of
+    the backward, the partials' sum included)."""
+    forward_tiles = [(16, 128, 4), (8, 256, 4), (16, 128, 8), (8, 128, 4), (32, 64, 4)]
+    backward_tiles = [(16, 128, 8, 8), (16, 128, 8, 16), (16, 128, 8, 4), (16, 128, 4, 8), (8, 128, 4, 8),
+                      (16, 64, 4, 8), (8, 256, 8, 8), (32, 128, 16, 8)]
+    for batch, channels, length in shapes:
+        x, weight, bias = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+                           for shape in ((batch, channels, length), (channels, 4), (channels,)))
+        grad = torch.randn_like(x)
+        for block_d, block_l, warps in forward_tiles:
+            tiles = ConvTiles(block_d, block_l, num_warps=warps)
+            fwd = gpu_ms(lambda: causal_conv1d_triton(x, weight, bias, activation="silu", tiles=tiles), 20)
+            print(f"# conv sweep {(batch, channels, length)} forward BLOCK_D={block_d} BLOCK_L={block_l} "
+                  f"warps={warps}: {fwd:.4f} ms", flush=True)
+        for block_d, block_l, warps, walked in backward_tiles:
+            tiles = ConvTiles(block_d, block_l, backward_warps=warps, backward_tiles=walked)
+            leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+            out = causal_conv1d_triton(*leaves, activation="silu", tiles=tiles)
+            bwd = gpu_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), 20)
+            print(f"# conv sweep {(batch, channels, length)} backward BLOCK_D={block_d} BLOCK_L={block_l} "
+                  f"warps={warps} tiles={walked}: {bwd:.4f} ms", flush=True)
 
 
 def conv_row(shape, name, kernels, bytes_moved, bandwidth, ours=float("nan"), theirs=float("nan"), ref=float("nan")):
@@ -161,7 +171,7 @@ def main():
              f"device-to-device copy {bandwidth / 1e12:.2f} TB/s (read + write).", ""]
     if args.sweep:
         sweep_scan_tiles(SCAN_SHAPES)
-        sweep_conv_tiles(CONV_SHAPES[0])
+        sweep_conv_tiles(CONV_SHAPES)
         return
     lines.append("Scan tiles (T, forward BLOCK_D, backward BLOCK_D; one warp per program): "
                  + ", ".join(f"{shape}: {tuple(scan_tiles(shape[2]))}" for shape in SCAN_SHAPES) + ".")

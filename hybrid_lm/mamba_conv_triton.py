@@ -391,13 +391,15 @@ def _conv_update_kernel(
 
 class ConvTiles(NamedTuple):
     """Tile sizes of the conv kernels: each program owns BLOCK_D channels by BLOCK_L positions (a multiple of 8), run
-    by `num_warps` warps; a backward program walks `backward_tiles` consecutive tiles, summing its partial dweight
-    and dbias in registers. The defaults were timed on an H100 (`python benchmarks/mamba_ops.py --sweep`)."""
+    by `num_warps` warps forward and `backward_warps` backward; a backward program walks `backward_tiles`
+    consecutive tiles, summing its partial dweight and dbias in registers. The defaults were timed on an H100
+    (`python benchmarks/mamba_ops.py --sweep`): one 16-byte vector of a tile per thread backward."""
 
     block_d: int = 16
     block_l: int = 128
     num_warps: int = 4
-    backward_tiles: int = 4
+    backward_warps: int = 8
+    backward_tiles: int = 8
 
 
 def _block_k(width: int) -> int:
@@ -507,7 +509,8 @@ class _CausalConv1dTriton(torch.autograd.Function):
     def backward(ctx, grad_out, grad_final_state=None):
         x, weight, bias, initial_state, seq_idx = ctx.saved_tensors
         dx, dinit, dweight, dbias = _conv_bwd(
-            grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu, *ctx.tiles
+            grad_out, grad_final_state, x, weight, bias, initial_state, seq_idx, ctx.silu, ctx.tiles.block_d,
+            ctx.tiles.block_l, ctx.tiles.backward_warps, ctx.tiles.backward_tiles,
         )
         return (
             dx, dweight, dbias if bias is not None else None, dinit if initial_state is not None else None,

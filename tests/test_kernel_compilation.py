@@ -93,16 +93,16 @@ def conv_global_loads() -> dict:
 
     tiles = mamba_conv_triton.ConvTiles()
     counts = {}
-    for name in ("_conv_fwd_kernel", "_conv_bwd_kernel"):
+    for name, num_warps in (("_conv_fwd_kernel", tiles.num_warps), ("_conv_bwd_kernel", tiles.backward_warps)):
         fn = getattr(mamba_conv_triton, name).fn
-        constants = {"WIDTH": 4, "SILU": True, "BLOCK_D": tiles.block_d, "BLOCK_L": tiles.block_l, "HAS_BIAS": True,
-                     "BLOCK_K": 4, "TILES": tiles.backward_tiles,
-                     "HAS_INIT": False, "HAS_SEQ": False, "HAS_DFINAL": False, "stride_x_l": 1, "stride_dout_l": 1,
-                     "init_ptr": None, "seq_ptr": None, "dfinal_ptr": None, "dinit_ptr": None}
+        constants = {"WIDTH": 4, "SILU": True, "BLOCK_D": tiles.block_d, "BLOCK_L": tiles.block_l, "BLOCK_K": 4,
+                     "TILES": tiles.backward_tiles, "HAS_BIAS": True, "HAS_INIT": False, "HAS_SEQ": False,
+                     "HAS_DFINAL": False, "stride_x_l": 1, "stride_dout_l": 1, "init_ptr": None, "seq_ptr": None,
+                     "dfinal_ptr": None, "dinit_ptr": None}
         constants = {k: v for k, v in constants.items() if k in fn.arg_names}
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg not in constants}
         source = ASTSource(fn, _signature(fn, constants), constants, aligned)
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.num_warps})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         ptx = kernel.asm["ptx"]
         counts[name] = (len(re.findall(r"ld\.global", ptx)), len(re.findall(r"ld\.global[^;]*\.v4", ptx)))
     return counts
@@ -124,9 +124,11 @@ def test_conv_kernels_load_their_tiles_as_vectors(tmp_path):
 
     counts = ast.literal_eval(result.stdout.strip().splitlines()[-1])  # the dict the subprocess printed
     tiles = ConvTiles()
-    vectors_per_tile = tiles.block_d * tiles.block_l // (tiles.num_warps * 32) // 8  # 8 bf16 a vector
-    weights_and_bias = 2 * (4 + 1)  # a thread's two rows of channels: 4 weights and the bias each
-    for name, tiles_loaded in (("_conv_fwd_kernel", 2), ("_conv_bwd_kernel", 5)):  # x at t - 8, t (, t + 8; dout)
+    # x at t - 8 and t forward; at t - 8, t, t + 8 and dout at t, t + 8 backward
+    for name, num_warps, tiles_loaded in (("_conv_fwd_kernel", tiles.num_warps, 2),
+                                          ("_conv_bwd_kernel", tiles.backward_warps, 5)):
+        vectors_per_tile = tiles.block_d * tiles.block_l // (num_warps * 32) // 8  # 8 bf16 a vector
+        weights_and_bias = vectors_per_tile * (4 + 1)  # a thread's rows of channels (a vector each): 4 weights, bias
         loads, vectors = counts[name]
         assert vectors == tiles_loaded * vectors_per_tile, (name, counts)
         assert loads <= vectors + weights_and_bias, (name, counts)
