@@ -116,8 +116,16 @@ def _at(before, here, after, m: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m: tl.constexpr, WIDTH: tl.constexpr,
-                    HAS_SEQ: tl.constexpr):
+def _weights(weight_ptr, offs_d, mask_d, WIDTH: tl.constexpr):
+    """weight[offs_d, k] for k = 0 .. K - 1: a tuple of K float32 [BLOCK_D], loaded once per program."""
+    weights = ()
+    for k in tl.static_range(WIDTH):
+        weights = weights + (tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32),)
+    return weights
+
+
+@triton.jit
+def _pre_activation(xs, docs, weights, bias, m: tl.constexpr, WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr):
     """bias + sum_k weight[:, k] * x at 8g + m - (K - 1) + k, float32 [BLOCK_D, G]; xs and docs are the (before,
     here, after) components of x and (with seq_idx) of the document ids."""
     acc = bias
@@ -126,14 +134,13 @@ def _pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m: tl.constexpr,
         if HAS_SEQ:
             same = _at(docs[0], docs[1], docs[2], m - (WIDTH - 1) + k) == _at(docs[0], docs[1], docs[2], m)
             x = tl.where(same, x, 0.0)
-        w = tl.load(weight_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-        acc += w[:, None] * x
+        acc += weights[k][:, None] * x
     return acc
 
 
 @triton.jit
 def _silu_grad(pre):
-    sig = tl.sigmoid(pre)
+    sig = 1.0 / (1.0 + tl.exp2(pre * -1.4426950408889634))  # sigmoid, the sign folded into the log2(e) factor
     return sig * (1.0 + pre * (1.0 - sig))
 
 
@@ -177,9 +184,10 @@ def _conv_fwd_kernel(
     bias = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    weights = _weights(weight_ptr, offs_d, mask_d, WIDTH)
     out = ()
     for e in tl.static_range(8):
-        acc = _pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, e, WIDTH, HAS_SEQ)
+        acc = _pre_activation(xs, docs, weights, bias, e, WIDTH, HAS_SEQ)
         if SILU:
             acc = acc * tl.sigmoid(acc)
         out = out + (acc,)
@@ -220,7 +228,7 @@ def _conv_bwd_kernel(
     channels, length, stride_x_b, stride_x_d, stride_x_l, stride_dout_b, stride_dout_d, stride_dout_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """The backward over input positions s of TILES consecutive tiles: dx (B, D, L) and, in the first program of
     each row, dinit (B, D, K - 1); this program's partial sums of dweight (B, nP, D, K) and dbias (B, nP, D),
@@ -233,9 +241,13 @@ def _conv_bwd_kernel(
     bias = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    k_index = tl.arange(0, BLOCK_K)[None, :]
-    dweight = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
-    dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    weights = _weights(weight_ptr, offs_d, mask_d, WIDTH)
+    # this program's dweight[:, k] and dbias, summed over the tiles it walks position by position, and over
+    # positions only at the end
+    dweight = ()
+    for k in tl.static_range(WIDTH):
+        dweight = dweight + (tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32),)
+    dbias = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
     for tile in range(tl.minimum(TILES, tl.cdiv(length - start, BLOCK_L))):
         t = start + tile * BLOCK_L + tl.arange(0, BLOCK_L)
         xs = (
@@ -260,7 +272,7 @@ def _conv_bwd_kernel(
         for m in tl.static_range(8 + WIDTH - 1):
             g = _at(douts[0], douts[0], douts[1], m)  # m >= 0: the first slot is never taken
             if SILU:
-                g = g * _silu_grad(_pre_activation(xs, docs, weight_ptr, offs_d, mask_d, bias, m, WIDTH, HAS_SEQ))
+                g = g * _silu_grad(_pre_activation(xs, docs, weights, bias, m, WIDTH, HAS_SEQ))
             gpre = gpre + (g,)
 
         dx = ()
@@ -270,8 +282,7 @@ def _conv_bwd_kernel(
                 g = gpre[e + j]
                 if HAS_SEQ:
                     g = tl.where(_at(docs[0], docs[1], docs[2], e + j) == docs[1][e], g, 0.0)
-                w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-                grad += w[:, None] * g
+                grad += weights[WIDTH - 1 - j][:, None] * g
             dx = dx + (grad,)
         grad = _join8(dx)
         if HAS_DFINAL:  # final_state[j] is input L - (K - 1) + j when it belongs to the last document
@@ -289,19 +300,19 @@ def _conv_bwd_kernel(
         tl.store(dx_ptr + rows[:, None] + t[None, :], grad.to(dx_ptr.dtype.element_ty),
                  mask=mask_d[:, None] & (t < length)[None, :])
 
+        summed = ()
         for k in tl.static_range(WIDTH):
-            products = tl.zeros([BLOCK_D, BLOCK_L // 8], dtype=tl.float32)
+            products = dweight[k]
             for e in tl.static_range(8):
                 x = _at(xs[0], xs[1], xs[2], e - (WIDTH - 1) + k)
                 if HAS_SEQ:
                     x = tl.where(_at(docs[0], docs[1], docs[2], e - (WIDTH - 1) + k) == docs[1][e], x, 0.0)
                 products += gpre[e] * x
-            dweight += tl.where(k_index == k, tl.sum(products, axis=1)[:, None], 0.0)
+            summed = summed + (products,)
+        dweight = summed
         if HAS_BIAS:
-            total = gpre[0]
-            for e in tl.static_range(1, 8):
-                total += gpre[e]
-            dbias += tl.sum(total, axis=1)
+            for e in tl.static_range(8):
+                dbias += gpre[e]
         if HAS_INIT:  # the initial state's positions -(K - 1) + i, i = 0 .. K - 2, once per row
             if start + tile * BLOCK_L == 0:
                 first = (tl.arange(0, BLOCK_L // 8) == 0)[None, :]  # group 0: positions 0 .. 7
@@ -312,9 +323,7 @@ def _conv_bwd_kernel(
                         g = gpre[i - (WIDTH - 1) + j]
                         if HAS_SEQ:
                             g = tl.where(docs[1][i - (WIDTH - 1) + j] == docs[1][0], g, 0.0)
-                        w = tl.load(weight_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d,
-                                    other=0.0).to(tl.float32)
-                        grad_init += w[:, None] * g
+                        grad_init += weights[WIDTH - 1 - j][:, None] * g
                     grad_init = tl.sum(tl.where(first, grad_init, 0.0), axis=1)
                     if HAS_DFINAL:  # with L < K - 1 the final state holds initial-state inputs too
                         slot = i - length + 0 * offs_d  # this input's slot in the final state
@@ -327,8 +336,9 @@ def _conv_bwd_kernel(
                     tl.store(dinit_ptr + init_rows + i, grad_init.to(dinit_ptr.dtype.element_ty), mask=mask_d)
 
     partial = (batch * tl.num_programs(0) + tl.program_id(0)) * channels + offs_d
-    tl.store(dweight_ptr + partial[:, None] * WIDTH + k_index, dweight, mask=mask_d[:, None] & (k_index < WIDTH))
-    tl.store(dbias_ptr + partial, dbias, mask=mask_d)
+    for k in tl.static_range(WIDTH):
+        tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(dweight[k], axis=1), mask=mask_d)
+    tl.store(dbias_ptr + partial, tl.sum(dbias, axis=1), mask=mask_d)
 
 
 @triton.heuristics(given_flags(HAS_BIAS="dbias_ptr"))
@@ -465,8 +475,7 @@ def _conv_bwd_launch(
         x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state, dx,
         dinit if initial_state is not None else None, partial_dweight, partial_dbias,
         channels, length, *x.stride(), *grad_out.stride(),
-        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=triton.next_power_of_2(width), TILES=backward_tiles,
-        num_warps=num_warps,
+        WIDTH=width, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, TILES=backward_tiles, num_warps=num_warps,
     )
     dweight = weight.new_empty(weight.shape)
     dbias = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
