@@ -530,8 +530,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
 # ----------------------------------------------------------------------------- the decoding step
 
 
-@torch.library.custom_op(f"{_NS}::causal_conv1d_update", mutates_args=("conv_state",))
-def _causal_conv1d_update(
+def _conv_update_launch(
     x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
 ) -> torch.Tensor:
     """Returns out (B, D) and shifts x into `conv_state`. Tiles: up to 256 channels a program."""
@@ -549,9 +548,17 @@ def _causal_conv1d_update(
     return out
 
 
+_causal_conv1d_update = torch.library.custom_op(
+    f"{_NS}::causal_conv1d_update", _conv_update_launch, mutates_args=("conv_state",)
+)
+
+
 @_causal_conv1d_update.register_fake
 def _(x, conv_state, weight, bias, silu):
     return x.new_empty(x.shape)
+
+
+_conv_update = eager_or_op(_conv_update_launch, _causal_conv1d_update)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -607,4 +614,4 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
             f"x must be (batch, {weight.shape[0]}) and conv_state {expected} for weight {tuple(weight.shape)}, "
             f"got x {tuple(x.shape)} and conv_state {tuple(conv_state.shape)}"
         )
-    return _causal_conv1d_update(x, conv_state, weight, bias, activation is not None)
+    return _conv_update(x, conv_state, weight, bias, activation is not None)

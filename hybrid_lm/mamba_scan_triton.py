@@ -536,8 +536,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
 # ----------------------------------------------------------------------------- the decoding step
 
 
-@torch.library.custom_op(f"{_NS}::selective_state_update", mutates_args=("state",))
-def _selective_state_update(
+def _state_update_launch(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
     dt_softplus: bool,
@@ -561,9 +560,17 @@ def _selective_state_update(
     return out
 
 
+_selective_state_update = torch.library.custom_op(
+    f"{_NS}::selective_state_update", _state_update_launch, mutates_args=("state",)
+)
+
+
 @_selective_state_update.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(x.shape)
+
+
+_state_update = eager_or_op(_state_update_launch, _selective_state_update)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -617,4 +624,4 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
         "B": (B, (batch, d_state)), "C": (C, (batch, d_state)), "D": (D, (channels,)),
         "z": (z, (batch, channels)), "dt_bias": (dt_bias, (channels,)),
     }, f"for state {tuple(state.shape)}")
-    return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
