@@ -20,9 +20,9 @@ output component is a sum of K of them. The backward runs in one pass: it recomp
 gradient at this group's 8 positions and the next group's first K - 1, from which each input gathers its gradient
 (the outputs s .. s + K - 1 it feeds). Each backward program walks a few consecutive tiles and keeps its partial
 dweight / dbias in registers; a small second kernel adds the partials up in a fixed order (deterministic, no
-atomics) and writes them in the weights' dtypes. The shifted tiles overlap this program's and its neighbours' own, which the cache
-holds, so the DRAM traffic is about that of the formula: x read once forward; x and dout read, dx written, once
-backward.
+atomics) and writes them in the weights' dtypes. The shifted tiles overlap this program's and its neighbours' own,
+which the cache holds, so the DRAM traffic is about that of the formula: x read once forward; x and dout read, dx
+written, once backward.
 """
 
 from typing import NamedTuple
