@@ -231,8 +231,8 @@ def _conv_bwd_kernel(
     TILES: tl.constexpr,
 ):
     """The backward over input positions s of TILES consecutive tiles: dx (B, D, L) and, in the first program of
-    each row, dinit (B, D, K - 1); this program's partial sums of dweight (B, nP, D, K) and dbias (B, nP, D),
-    float32. dout (B, D, L) of strides stride_dout_*; dfinal (B, D, K - 1) or None; other inputs as in
+    each row, dinit (B, D, K - 1); this program's partial sums of dweight (B, nP, D, K) and (with a bias) dbias
+    (B, nP, D), float32. dout (B, D, L) of strides stride_dout_*; dfinal (B, D, K - 1) or None; other inputs as in
     `_conv_fwd_kernel`. Input s feeds outputs s .. s + K - 1 of its own document, whose pre-activation gradients
     dout_t * act'(pre_t) are recomputed here: this group's 8 and the next group's first K - 1."""
     x_strides = (stride_x_b, stride_x_d, stride_x_l)
@@ -338,7 +338,8 @@ def _conv_bwd_kernel(
     partial = (batch * tl.num_programs(0) + tl.program_id(0)) * channels + offs_d
     for k in tl.static_range(WIDTH):
         tl.store(dweight_ptr + partial * WIDTH + k, tl.sum(dweight[k], axis=1), mask=mask_d)
-    tl.store(dbias_ptr + partial, tl.sum(dbias, axis=1), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + partial, tl.sum(dbias, axis=1), mask=mask_d)
 
 
 @triton.heuristics(given_flags(HAS_BIAS="dbias_ptr"))
@@ -470,7 +471,8 @@ def _conv_bwd_launch(
     dx = x.new_empty(x.shape)
     dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
     partial_dweight = torch.empty(batch, n_programs, channels, width, device=x.device, dtype=torch.float32)
-    partial_dbias = torch.empty(batch, n_programs, channels, device=x.device, dtype=torch.float32)
+    partial_dbias = (torch.empty(batch, n_programs, channels, device=x.device, dtype=torch.float32)
+                     if bias is not None else None)
     _conv_bwd_kernel[(n_programs, triton.cdiv(channels, block_d), batch)](
         x, weight, bias, initial_state, seq_idx, grad_out, grad_final_state, dx,
         dinit if initial_state is not None else None, partial_dweight, partial_dbias,

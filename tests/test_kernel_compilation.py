@@ -95,7 +95,7 @@ def conv_global_loads() -> dict:
     counts = {}
     for name, num_warps in (("_conv_fwd_kernel", tiles.num_warps), ("_conv_bwd_kernel", tiles.backward_warps)):
         fn = getattr(mamba_conv_triton, name).fn
-        constants = {"WIDTH": 4, "SILU": True, "BLOCK_D": tiles.block_d, "BLOCK_L": tiles.block_l, "BLOCK_K": 4,
+        constants = {"WIDTH": 4, "SILU": True, "BLOCK_D": tiles.block_d, "BLOCK_L": tiles.block_l,
                      "TILES": tiles.backward_tiles, "HAS_BIAS": True, "HAS_INIT": False, "HAS_SEQ": False,
                      "HAS_DFINAL": False, "stride_x_l": 1, "stride_dout_l": 1, "init_ptr": None, "seq_ptr": None,
                      "dfinal_ptr": None, "dinit_ptr": None}
