@@ -28,7 +28,7 @@ WARMUP_STEPS = 2
 # matrix (every projection at batch 1) as a reduction that it fuses with its neighbours (the norm before it, the
 # activation and the residual add around it) and tunes, instead of a cuBLAS GEMV: on an H200 the step of mamba-ssm's
 # dense config went from 0.55 to 0.43 ms, and the 426M bench config's from 0.76 to 0.66 ms, for a few seconds more
-# of compilation (benchmarks/RESULTS.md, "Generation"). Batches of 16 rows and more keep cuBLAS.
+# of compilation (benchmarks/RESULTS.md, "Generation"). Steps of two rows or more keep cuBLAS's products.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
