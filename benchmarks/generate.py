@@ -5,6 +5,7 @@ cache under transformers' own loop over its compiled step), transformers' JambaF
 on a dense hybrid beside hybrid_lm's same dense model (`num_experts=1`).
 
     python benchmarks/generate.py [--engines ...] [--batch 1 16] [--prompt 128] [--new 256] [--config bench|dense]
+                                  [--profile]
 
 Per engine, batch and prompt length: time to first token (a generate of one new token; for hybrid_lm also as a
 multiple of one prefill forward), ms per decode step ((time for `--new` tokens - time to first token) / (new - 1)),
@@ -129,7 +130,7 @@ def main():
     parser.add_argument("--prompt", type=int, nargs="+", default=[128])
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--profile", action="store_true",
-                        help="profile the default (graph) path's decode steps at the first batch size")
+                        help="first, the GPU kernels of each engine's decode step at the first batch size and prompt")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -141,17 +142,20 @@ def main():
     print(model.config.layer_plan().splitlines()[0])
     print(f"{total / 1e6:.0f}M parameters, {active / 1e6:.0f}M active per token; {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}; decode floor (active bf16 weights / copy bandwidth) {floor * 1e3:.3f} ms/step")
+    engines = {
+        "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model, "dynamic"), prefill_forward(model)),
+        "graphs": lambda: ("hybrid_lm default (graphs)", hybrid_generate(model), prefill_forward(model)),
+        "hf_loop": lambda: ("hybrid_lm static, hf loop", hybrid_generate_transformers_loop(model),
+                            prefill_forward(model)),
+        "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model).eval()), None),
+        "mamba_ssm": lambda: ("mamba-ssm cg=True (dense)", mamba_ssm_generate(model.config), None),
+    }
     if args.profile:
-        profile_static(model, args.batch[0], args.prompt[0], args.new)
+        for engine in args.engines:
+            name, generate, _ = engines[engine]()
+            profile_decode(name, generate, args.batch[0], args.prompt[0])
+            torch.cuda.empty_cache()
     for prompt_len in args.prompt:
-        engines = {
-            "eager": lambda: ("hybrid_lm dynamic (eager)", hybrid_generate(model, "dynamic"), prefill_forward(model)),
-            "graphs": lambda: ("hybrid_lm default (graphs)", hybrid_generate(model), prefill_forward(model)),
-            "hf_loop": lambda: ("hybrid_lm static, hf loop", hybrid_generate_transformers_loop(model),
-                                prefill_forward(model)),
-            "jamba": lambda: ("transformers Jamba", hybrid_generate(jamba_model(model).eval()), None),
-            "mamba_ssm": lambda: ("mamba-ssm cg=True (dense)", mamba_ssm_generate(model.config), None),
-        }
         for batch in args.batch:
             reference = None
             for engine in args.engines:
@@ -167,18 +171,28 @@ def main():
                 torch.cuda.empty_cache()
 
 
-def profile_static(model, batch, prompt_len, new):
-    """torch.profiler over one default (compiled, CUDA-graph) generate, after a warm-up."""
+def profile_decode(name, generate, batch, prompt_len, new=64):
+    """GPU kernels per decode step of one engine (torch.profiler over a generate of `new` tokens after a warm-up,
+    less one of a single token, so the prefill drops out), the busiest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    generate = hybrid_generate(model)
     ids = torch.randint(3, 32000, (batch, prompt_len), device="cuda")
+
+    def kernels(tokens):  # {kernel: (calls, GPU us)}
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            generate(ids, tokens)
+            torch.cuda.synchronize()
+        return {e.key: (e.count, e.self_device_time_total) for e in prof.key_averages()
+                if e.device_type == torch.autograd.DeviceType.CUDA}
+
     generate(ids, new)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        generate(ids, new)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    steps, first = kernels(new + 1), kernels(1)
+    per_step = {key: ((calls - first.get(key, (0, 0))[0]) / new, (us - first.get(key, (0, 0))[1]) / new)
+                for key, (calls, us) in steps.items()}
+    print(f"{name}, bs {batch}: GPU busy {sum(us for _, us in per_step.values()) / 1e3:.3f} ms per decode step")
+    for key, (calls, us) in sorted(per_step.items(), key=lambda item: -item[1][1])[:25]:
+        if calls > 0:
+            print(f"  {calls:5.1f} calls {us / calls:7.2f} us  {key[:100]}")
 
 
 def mamba_ssm_generate(config):
