@@ -488,3 +488,26 @@ def test_default_cuda_generate_in_bf16_has_the_eager_logits_within_bf16_toleranc
         assert same[:, :8].all(), f"batch {batch}: tokens diverged within 8 steps"
         scale = eager.abs().amax(-1, keepdim=True)
         assert ((static - eager).abs() / scale)[same].max() < 0.05, f"batch {batch}"
+
+
+def test_decode_step_compiled_with_the_gpu_options_gives_the_eager_logits():
+    """The decode step the graph loop replays, compiled as on a GPU (`DecodeStep(compile=True)`, Inductor with
+    `decoding_hybrid_lm.COMPILE_OPTIONS`; here on CPU, without a graph), gives the eager step's logits step by step,
+    from a left-padded prompt."""
+    from transformers import StaticCache
+
+    from hybrid_lm.decoding_hybrid_lm import DecodeStep
+
+    model = tiny_model(**NO_EOS)
+    input_ids = prompt(batch=2, length=6)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    logits, tokens = [], input_ids[:, -1]
+    for compiled in (False, True):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(input_ids, attention_mask=attention_mask, use_cache=True, **{CACHE_NAME: cache})
+            step = DecodeStep(model, cache, batch=2, cache_length=16, compile=compiled)
+            step.start(attention_mask, prompt_length=6)
+            logits.append(torch.stack([step(tokens + i) for i in range(3)]))
+    torch.testing.assert_close(logits[1], logits[0])
