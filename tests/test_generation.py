@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache, JambaForCausalLM, Trainer, TrainingArguments
+from transformers import DynamicCache, JambaForCausalLM, StaticCache, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import hybrid_lm
@@ -494,8 +494,6 @@ def test_decode_step_compiled_with_the_gpu_options_gives_the_eager_logits():
     """The decode step the graph loop replays, compiled as on a GPU (`DecodeStep(compile=True)`, Inductor with
     `decoding_hybrid_lm.COMPILE_OPTIONS`; here on CPU, without a graph), gives the eager step's logits step by step,
     from a left-padded prompt."""
-    from transformers import StaticCache
-
     from hybrid_lm.decoding_hybrid_lm import DecodeStep
 
     model = tiny_model(**NO_EOS)
