@@ -17,68 +17,19 @@ Shape legend: B = batch rows, S = the static cache's length, V = vocabulary.
 """
 
 import torch
-from torch._guards import detect_fake_mode
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from transformers.generation.utils import DeferredStopCheck, GenerateDecoderOnlyOutput, StopCheck
 
-from .custom_ops import triton_runs_on
 from .transformers_compat import CACHE_NAME
-
-try:  # transformers' remote-code loader skips imports inside try blocks; without triton the step keeps cuBLAS
-    from . import triton_split_k_matmul
-except ImportError:
-    triton_split_k_matmul = None
 
 # Warm-up runs before a capture (the first also compiles): CUDA graphs must not record one-time work.
 WARMUP_STEPS = 2
-
-
-class SplitKMatmulPass(CustomGraphPass):
-    """An Inductor pass over the step's graph (after autograd, before lowering): every half-precision matrix
-    product of at most 16 rows and K >= `min_k` becomes `triton_split_k_matmul.split_k_matmul`, whose float32
-    partial products Inductor sums inside the kernel that consumes them. At batch 16, cuBLAS reads a projection's
-    weight with too few programs to reach the memory bandwidth (benchmarks/RESULTS.md, "Generation").
-
-    Inductor has no option for this: its own split-K choice (`decompose_k`) comes only with max-autotune, whose
-    first-call tuning takes a minute on the bench config.
-    """
-
-    def __init__(self, min_k: int = 512):
-        self.min_k = min_k
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        split_k_matmul = triton_split_k_matmul.split_k_matmul._opoverload
-        for node in list(graph.nodes):
-            if node.target is not torch.ops.aten.mm.default:
-                continue
-            a, b = (arg.meta["val"] for arg in node.args)
-            if not (a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and triton_runs_on(a.device)
-                    and a.shape[0] <= triton_split_k_matmul.BLOCK_M and a.shape[1] >= self.min_k):
-                continue
-            with graph.inserting_before(node):
-                partials = graph.call_function(split_k_matmul, node.args)  # (S, M, N) float32
-                total = graph.call_function(torch.ops.aten.sum.dim_IntList, (partials, [0]))
-                product = graph.call_function(torch.ops.prims.convert_element_type.default, (total, a.dtype))
-            with detect_fake_mode([a]):
-                partials.meta["val"] = split_k_matmul(a, b)
-                total.meta["val"] = partials.meta["val"].sum(0)
-                product.meta["val"] = total.meta["val"].to(a.dtype)
-            node.replace_all_uses_with(product)
-            graph.erase_node(node)
-
-    def uuid(self) -> bytes:
-        return get_hash_for_files((__file__, triton_split_k_matmul.__file__), extra=str(self.min_k))
-
 
 # Inductor's options for the step. With coordinate-descent tuning on, Inductor also rewrites a product of one row by a
 # matrix (every projection at batch 1) as a reduction that it fuses with its neighbours (the norm before it, the
 # activation and the residual add around it) and tunes, instead of a cuBLAS GEMV: on an H200 the step of mamba-ssm's
 # dense config went from 0.55 to 0.43 ms, and the 426M bench config's from 0.76 to 0.66 ms, for a few seconds more
-# of compilation (benchmarks/RESULTS.md, "Generation"). Steps of 2-16 rows take the split-K products of
-# `SplitKMatmulPass`.
+# of compilation (benchmarks/RESULTS.md, "Generation"). Steps of two rows or more keep cuBLAS's products.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-if triton_split_k_matmul is not None:
-    COMPILE_OPTIONS["post_grad_custom_post_pass"] = SplitKMatmulPass()
 
 
 class DecodeStep:
