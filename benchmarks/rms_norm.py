@@ -1,5 +1,5 @@
 """RMSNorm (+ residual add) timings on one GPU: the torch reference, torch's fused `F.rms_norm` (what the model runs
-in eager calls), the Triton kernels (captured decode steps, compiled inference), torch.compile of the reference.
+in eager calls), the Triton kernels (mixed-dtype inference, uncompiled graph captures), torch.compile of the reference.
 
     python benchmarks/rms_norm.py [--shapes 8192x1024,16384x4096] [--dtype bfloat16] [--reps 100] [--no-flush]
 

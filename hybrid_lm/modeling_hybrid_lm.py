@@ -78,8 +78,9 @@ except ImportError:  # a torch built without distributed support has none
 class HybridLMRMSNorm(nn.Module):
     """RMSNorm computed in float32, scaled in the input dtype (as Llama and Jamba do), optionally of a sum with the
     residual stream. On GPUs a fused norm (`rms_norm_ops.rms_norm`): torch's `F.rms_norm` in eager calls, within one
-    rounding step of Llama's eager formula; in captured decode steps and compiled inference the Triton kernel, with
-    the residual add fused in and the formula's values exactly.
+    rounding step of Llama's eager formula; under torch.compile the formula, which Inductor fuses with its
+    neighbours; in mixed-dtype inference the Triton kernel, with the residual add fused in and the formula's values
+    exactly.
 
     kernel_backend: the model's `config.kernel_backend` (kept in step by `set_kernel_backend`); "torch" keeps the
     pure-PyTorch formula on every device, see `rms_norm_ops.rms_norm` for the others.

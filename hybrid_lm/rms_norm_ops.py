@@ -93,21 +93,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
       residual, bf16, on an H200 host) the eager formula cost the host 735-915 us, `rms_norm_triton` through its
       custom op and Triton's launcher 935-1191 us, `F.rms_norm` 243-321 us, its dispatch being C++; in inference
       95 us a call for the custom op (benchmarks/RESULTS.md, "Fused RMSNorm").
-    - inference in a CUDA graph capture or under torch.compile, and eager inference with mixed dtypes: the Triton
+    - under torch.compile (the graph decode step, compiled training): the reference, which Inductor fuses with
+      the ops around it (the residual add, the product after it). In the decode step that beat the Triton kernel:
+      on an H100, mamba-ssm's dense config at batch 16 went from 0.59 to 0.52 ms a step, the bench config at
+      batch 1 from 0.69 to 0.63 ms (benchmarks/RESULTS.md, "Generation").
+    - inference in a CUDA graph capture without compilation, and eager inference with mixed dtypes: the Triton
       kernels (`rms_norm_triton`), one launch with the residual add fused in and the reference's rounding kept
       exactly; host cost is paid once there.
-    - training under torch.compile: the reference, which inductor fuses with the ops around it.
     The reference in every other case (CPU, meta, float64, mixed dtypes in eager training, mismatched shapes).
     Differentiable in x, weight and residual either way (`rms_norm_triton` itself is, for its tests).
     """
-    if not _fused_tier_takes(x, weight, residual, backend):
+    if torch.compiler.is_compiling() or not _fused_tier_takes(x, weight, residual, backend):
         return rms_norm_ref(x, weight, eps, residual)
     records_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual))
     one_dtype = all(t.dtype == x.dtype for t in (weight, residual) if t is not None)
     kernel_fits = not records_grad and rms_norm_triton is not None and x.shape[-1] <= MAX_HIDDEN
-    compiling = torch.compiler.is_compiling()
-    if kernel_fits and (compiling or not one_dtype or _in_graph_capture(x)):
+    if kernel_fits and (not one_dtype or _in_graph_capture(x)):
         return rms_norm_triton(x, weight, eps, residual)
-    if one_dtype and not compiling:
+    if one_dtype:
         return rms_norm_torch_fused(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

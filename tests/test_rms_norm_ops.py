@@ -231,21 +231,26 @@ class _NormBlock(torch.nn.Module):
         return normed * 2 + total
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "torch"])
-def test_compiles_with_fullgraph(kernel_backend):
-    """torch.compile traces through the norm without a graph break: the custom op where the kernel runs (CUDA, or the
-    interpreter here, without gradients), the reference's ops otherwise; forward and backward give the eager values."""
-    torch.manual_seed(0)
-    block = _NormBlock(kernel_backend).to(DEVICE)
-    graphs = []
+def graph_recorder(graphs: list):
+    """A torch.compile backend that keeps each graph's text and runs it with aot_eager."""
 
     def backend(gm, example_inputs):
         graphs.append(str(gm.graph))
         return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
 
+    return backend
+
+
+@pytest.mark.parametrize("kernel_backend", ["triton", "torch"])
+def test_compiles_with_fullgraph(kernel_backend):
+    """torch.compile traces through the norm without a graph break and takes the reference's ops, which Inductor
+    fuses with the ops around them, in training and inference alike; forward and backward give the eager values."""
+    torch.manual_seed(0)
+    block = _NormBlock(kernel_backend).to(DEVICE)
+    graphs = []
     x = torch.randn(2, 6, 16, device=DEVICE, requires_grad=True)
     residual = torch.randn(2, 6, 16, device=DEVICE)
-    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    compiled = torch.compile(block, fullgraph=True, backend=graph_recorder(graphs))
     out = compiled(x, residual)
     out.square().sum().backward()
     grads = (x.grad.clone(), block.norm.weight.grad.clone())
@@ -254,13 +259,21 @@ def test_compiles_with_fullgraph(kernel_backend):
     expected.square().sum().backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grads, (x.grad, block.norm.weight.grad))
-    # training keeps the reference (see rms_norm_ops.rms_norm); inference takes the kernel's op
-    assert not any("rms_norm_fwd" in graph for graph in graphs)
-    graphs.clear()
     with torch.no_grad():
         out = compiled(x.detach(), residual)
         torch.testing.assert_close(out, block(x.detach(), residual))
-    assert any("rms_norm_fwd" in graph for graph in graphs) == (kernel_backend == "triton")
+    assert len(graphs) == 2 and not any("rms_norm_fwd" in graph for graph in graphs)
+
+
+def test_kernel_compiles_with_fullgraph():
+    """`rms_norm_triton` called in compiled code is one custom-op node (no graph break), with the eager values."""
+    x, residual = torch.randn(2, 6, 16, device=DEVICE), torch.randn(2, 6, 16, device=DEVICE)
+    weight = torch.rand(16, device=DEVICE) + 0.5
+    graphs = []
+    compiled = torch.compile(triton_rms_norm.rms_norm_triton, fullgraph=True, backend=graph_recorder(graphs))
+    torch.testing.assert_close(compiled(x, weight, EPS, residual),
+                               triton_rms_norm.rms_norm_triton(x, weight, EPS, residual))
+    assert len(graphs) == 1 and "rms_norm_fwd" in graphs[0]
 
 
 # ----------------------------------------------------------------------------- in the model
