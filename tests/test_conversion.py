@@ -478,12 +478,13 @@ def staging_folders(parent: Path) -> list[str]:
 
 
 def start_slow_conversion(src: Path, dst: Path) -> subprocess.Popen:
-    """convert.py as a process that blocks in verification, once its work folder is full; returns when it is."""
-    code = (f"import sys, time; sys.argv = ['convert.py', {str(src)!r}, {str(dst)!r}]; "
-            f"sys.path.insert(0, {str(ROOT / 'conversion')!r}); import runpy, convert; "
+    """convert.py's command line as a process that blocks in verification, once its work folder is full; returns
+    when it is. (Its `__main__` block, with the module's verification replaced: a script run anew would define the
+    real one again, whose few seconds the signal could miss.)"""
+    code = (f"import signal, sys, time; sys.path.insert(0, {str(ROOT / 'conversion')!r}); import convert; "
             "convert.verify_conversion = lambda *a: time.sleep(60); "
-            "runpy.run_path(convert.__file__, run_name='__main__', init_globals={'verify_conversion': "
-            "convert.verify_conversion})")
+            "signal.signal(signal.SIGTERM, convert._interrupted); "
+            f"sys.exit(convert.main([{str(src)!r}, {str(dst)!r}]))")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         folders = [dst.parent / name for name in staging_folders(dst.parent)]
