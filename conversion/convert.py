@@ -306,6 +306,11 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_command_line(argv=None) -> int:
+    """`main` as `python convert.py` runs it: SIGTERM then cleans up as Ctrl-C does."""
     signal.signal(signal.SIGTERM, _interrupted)  # so the cleanup in convert() runs, as for Ctrl-C
-    sys.exit(main())
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run_command_line())

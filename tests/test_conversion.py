@@ -479,14 +479,13 @@ def staging_folders(parent: Path) -> list[str]:
 
 def start_slow_conversion(src: Path, dst: Path) -> subprocess.Popen:
     """convert.py's command line as a process that blocks in verification, once its work folder is full; returns
-    when it is. (Its `__main__` block, with the module's verification replaced: a script run anew would define the
+    when it is. (`run_command_line`, with the module's verification replaced: a script run anew would define the
     real one again, whose few seconds the signal could miss.) Ctrl-C is handled as in a terminal even where the
     tests run as a background job, whose children inherit an ignored SIGINT."""
     code = (f"import signal, sys, time; sys.path.insert(0, {str(ROOT / 'conversion')!r}); import convert; "
             "convert.verify_conversion = lambda *a: time.sleep(60); "
             "signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "signal.signal(signal.SIGTERM, convert._interrupted); "
-            f"sys.exit(convert.main([{str(src)!r}, {str(dst)!r}]))")
+            f"sys.exit(convert.run_command_line([{str(src)!r}, {str(dst)!r}]))")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         folders = [dst.parent / name for name in staging_folders(dst.parent)]
