@@ -189,14 +189,16 @@ def main(argv=None):
     if trainer.is_fsdp_enabled:  # FSDP's sharded state dicts go to the checkpoints; the final model is gathered
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final_dir))  # collective under FSDP: every process calls it
-    if not trainer.is_world_process_zero():  # under accelerate launch / torchrun, one process writes
-        return trainer
-    tokenizer.save_pretrained(final_dir)
-    if args.lora and args.merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(args.output_dir / "merged")
-        tokenizer.save_pretrained(args.output_dir / "merged")
-    print(f"saved to {final_dir}")
+    if trainer.is_world_process_zero():  # under accelerate launch / torchrun, one process writes
+        tokenizer.save_pretrained(final_dir)
+        if args.lora and args.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(args.output_dir / "merged")
+            tokenizer.save_pretrained(args.output_dir / "merged")
+        print(f"saved to {final_dir}")
+    # Every process shuts its process group down before its interpreter exits: left to the exit, the teardown of a
+    # process that finished first aborted once ("terminate called without an active exception", CPU DDP in CI).
+    trainer.accelerator.end_training()
     return trainer
 
 
