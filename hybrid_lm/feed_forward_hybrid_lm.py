@@ -8,16 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.utils import logging
 
 from .configuration_hybrid_lm import HybridLMConfig
 from .experts_ops import expert_offsets, grouped_linear
+from .packed_weights import PackedWeights, PacksWeights, is_plain_linear, packed_linear
 
-logger = logging.get_logger(__name__)
 
-
-class HybridLMMLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)). Also one expert of a mixture."""
+class HybridLMMLP(PacksWeights):
+    """SwiGLU: down(act(gate(x)) * up(x)). Also one expert of a mixture. Without gradients, gate and up run as one
+    product over their packed weights (packed_weights.py)."""
 
     def __init__(self, config: HybridLMConfig):
         super().__init__()
@@ -25,9 +24,16 @@ class HybridLMMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self._gate_up_weight = PackedWeights("the MLP's gate and up weights")
+        self._gate_up_bias = PackedWeights("the MLP's gate and up biases")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        """(..., H) -> (..., H)"""
+        gate_up = packed_linear([self.gate_proj, self.up_proj], self._gate_up_weight, self._gate_up_bias)
+        if gate_up is None:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)  # (..., I) each
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class HybridLMTopKRouter(nn.Module):
@@ -48,15 +54,15 @@ class HybridLMTopKRouter(nn.Module):
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
-class HybridLMSparseMoeBlock(nn.Module):
+class HybridLMSparseMoeBlock(PacksWeights):
     """Mixture of SwiGLU experts with top-K routing and no token dropping.
 
     Each expert is an `HybridLMMLP`: its nn.Linear modules are where the parameters live, so checkpoints keep
     Jamba's per-expert keys (`experts.{e}.gate_proj.weight`), LoRA attaches to every expert projection and
     bitsandbytes quantizes them. When every expert projection is a plain nn.Linear, or a plain peft LoRA layer
     over one, the experts run as grouped matrix products over all experts (`experts_ops.grouped_mm`; gate and up
-    in one product, each LoRA adapter as two more) on weights stacked per forward, the same in eager and compiled
-    mode, with no host sync where `torch._grouped_mm` has its kernel. Differs from transformers' Jamba, which
+    in one product, each LoRA adapter as two more) on weights stacked per forward (without gradients: packed once,
+    packed_weights.py), the same in eager and compiled mode, with no host sync where `torch._grouped_mm` has its kernel. Differs from transformers' Jamba, which
     stores 3-D expert parameters (`gate_up_proj`, `down_proj`) and converts the keys on load.
 
     Other experts (bitsandbytes layers, DoRA or other LoRA variants, merged or disabled adapters, accelerate
@@ -70,6 +76,8 @@ class HybridLMSparseMoeBlock(nn.Module):
         self.num_experts = config.num_experts
         self.router = HybridLMTopKRouter(config)
         self.experts = nn.ModuleList([HybridLMMLP(config) for _ in range(config.num_experts)])
+        self._packed_gate_up = PackedWeights("the experts' weights")
+        self._packed_down = PackedWeights("the experts' weights")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, L, H). The router logits are recorded from the router (`output_router_logits`)."""
@@ -97,7 +105,7 @@ class HybridLMSparseMoeBlock(nn.Module):
         projections = {}
         for name in ("gate_proj", "up_proj", "down_proj"):
             layers = [getattr(expert, name) for expert in self.experts]
-            if all(_is_plain_linear(layer) for layer in layers):
+            if all(is_plain_linear(layer) for layer in layers):
                 projections[name] = (layers, [])
                 continue
             adapters = _vanilla_lora_adapters(layers)
@@ -154,38 +162,17 @@ class HybridLMSparseMoeBlock(nn.Module):
 
     def _packed_weights(self, gate_up: list, down: list, dtype):
         """(E, 2I, H) and (E, H, I) tensors whose slices *are* the experts' weights, for forwards that need no
-        gradient in the weights' own dtype (inference); None otherwise.
-
-        Stacking copies every expert's weights each forward: a third of a decode step on the bench config
-        (benchmarks/RESULTS.md, "Generation"). So the first such forward moves the weights into two packed
-        tensors (each nn.Linear's weight becomes a view of its slice: no memory is added, the parameters stay the
-        same objects, `load_state_dict` writes through the views, and transformers' `save_pretrained` saves views
-        of one storage as separate tensors). A move of the weights (`model.to(...)`, a parameter replaced) ends the
-        packing; the next inference forward packs again. Checked by address in eager mode; under torch.compile by
-        parameter identity (a compiled step is traced after an eager one, which packs or re-checks)."""
-        if torch.is_grad_enabled() or dtype != down[0].dtype:
+        gradient in the weights' own dtype (inference); None otherwise. Stacking copies every expert's weights
+        each forward: before packing (packed_weights.py), a third of a decode step on the bench config
+        (benchmarks/RESULTS.md, "Generation")."""
+        if dtype != down[0].dtype:
             return None
-        packed = getattr(self, "_packed", None)
-        params = gate_up + down
-        if packed is not None and all(a is b for a, b in zip(packed[2], params)):
-            if torch.compiler.is_compiling() or _is_packed(packed, gate_up, down):
-                return packed[0], packed[1]
-        if torch.compiler.is_compiling() or getattr(self, "_packing_failed", False) or not _packable(params):
+        packed_gate_up = self._packed_gate_up.get(gate_up)
+        packed_down = self._packed_down.get(down) if packed_gate_up is not None else None
+        if packed_down is None:
             return None
-        try:
-            self._packed = _pack(gate_up, down, self.num_experts)
-        except torch.OutOfMemoryError:  # packing needs one block's expert weights twice, for a moment
-            logger.warning_once("hybrid_lm: no memory to pack the expert weights for inference; they are stacked "
-                                "every forward instead (slower decoding)")
-            self._packing_failed = True
-            return None
-        return self._packed[0], self._packed[1]
-
-    def _apply(self, fn, recurse=True):
-        # the weights move: they are packed again where needed
-        self.__dict__.pop("_packed", None)
-        self.__dict__.pop("_packing_failed", None)
-        return super()._apply(fn, recurse)
+        hidden = down[0].shape[0]
+        return packed_gate_up.view(self.num_experts, -1, hidden), packed_down.view(self.num_experts, hidden, -1)
 
     def _module_loop_forward(self, tokens, top_k_weights, top_k_index):
         # sort the (token, slot) assignments by expert so each expert sees one contiguous slice
@@ -209,11 +196,6 @@ class HybridLMSparseMoeBlock(nn.Module):
         return sum(expert(tokens) * dense_weights[:, e, None] for e, expert in enumerate(self.experts))
 
 
-def _is_plain_linear(layer: nn.Module) -> bool:
-    """An nn.Linear itself (bitsandbytes layers subclass it) with no accelerate hook that moves its weights in."""
-    return type(layer) is nn.Linear and not hasattr(layer, "_hf_hook")
-
-
 def _vanilla_lora_adapters(layers: list[nn.Module]):
     """The active adapters of per-expert peft LoRA layers, as [(A weights, B weights, scalings, dropout)], when
     every layer is a plain LoRA (no variant such as DoRA, no LoRA bias, not merged, not disabled) over a plain
@@ -223,12 +205,12 @@ def _vanilla_lora_adapters(layers: list[nn.Module]):
         return None
     names = [name for name in first.active_adapters if name in first.lora_A]
     for layer in layers:
-        if (layer.merged or layer.disable_adapters or not _is_plain_linear(layer.base_layer)
+        if (layer.merged or layer.disable_adapters or not is_plain_linear(layer.base_layer)
                 or [name for name in layer.active_adapters if name in layer.lora_A] != names):
             return None
         for name in names:
             if (name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False)
-                    or not _is_plain_linear(layer.lora_A[name]) or not _is_plain_linear(layer.lora_B[name])
+                    or not is_plain_linear(layer.lora_A[name]) or not is_plain_linear(layer.lora_B[name])
                     or layer.lora_A[name].weight.shape != first.lora_A[name].weight.shape
                     or repr(layer.lora_dropout[name]) != repr(first.lora_dropout[name])):
                 return None
@@ -238,36 +220,6 @@ def _vanilla_lora_adapters(layers: list[nn.Module]):
 
 def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(tensors).to(dtype)
-
-
-def _pack(gate_up: list[nn.Parameter], down: list[nn.Parameter], num_experts: int):
-    """Copies the weights into (E, 2I, H) and (E, H, I) tensors and makes each parameter a view of its slice.
-    Returns (gate_up tensor, down tensor, the parameters)."""
-    with torch.no_grad():
-        packed_gate_up = torch.stack(gate_up).view(num_experts, -1, gate_up[0].shape[-1])
-        for param, view in zip(gate_up, packed_gate_up.view(-1, *gate_up[0].shape)):
-            param.data = view
-        packed_down = torch.stack(down)
-        for param, view in zip(down, packed_down):
-            param.data = view
-    return packed_gate_up, packed_down, gate_up + down
-
-
-def _packable(params: list[nn.Parameter]) -> bool:
-    """Plain, contiguous tensors of one device and dtype (not DTensors of a tensor-parallel plan, say)."""
-    first = params[0]
-    return all(type(p.data) is torch.Tensor and p.is_contiguous() and p.device == first.device
-               and p.dtype == first.dtype for p in params)
-
-
-def _is_packed(packed, gate_up: list[nn.Parameter], down: list[nn.Parameter]) -> bool:
-    """Whether the parameters still are the slices of the packed tensors `_pack` returned."""
-    for tensor, params in ((packed[0], gate_up), (packed[1], down)):
-        step = params[0].numel() * params[0].element_size()
-        base = tensor.data_ptr()
-        if any(p.data_ptr() != base + i * step or not p.is_contiguous() for i, p in enumerate(params)):
-            return False
-    return True
 
 
 def _with_lora(y, x, adapters, offs, expert_ids, dtype):

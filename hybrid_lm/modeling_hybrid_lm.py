@@ -61,6 +61,7 @@ from .hub_hybrid_lm import push_folder_to_hub
 from .loading_checks import check_weight_files
 from .mamba_kernels import MambaKernels, select_kernels
 from .mamba_projections import linear_from_channels_first, linear_to_channels_first
+from .packed_weights import PackedWeights, PacksWeights, packed_linear
 from .rms_norm_ops import rms_norm
 from .transformers_compat import CACHE_NAME, accepts_cache_alias, cache_output
 
@@ -176,11 +177,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-class HybridLMAttention(nn.Module):
+class HybridLMAttention(PacksWeights):
     """Multi-head attention with grouped key/value heads, optional RoPE and sliding window.
 
     Runs through transformers' attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_*,
-    or any registered one; `model.set_attn_implementation(...)` switches it).
+    or any registered one; `model.set_attn_implementation(...)` switches it). Without gradients, q, k and v run as
+    one product over their packed weights (packed_weights.py).
     """
 
     is_causal = True
@@ -198,6 +200,8 @@ class HybridLMAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        self._qkv_weight = PackedWeights("attention's q, k and v weights")
+        self._qkv_bias = PackedWeights("attention's q, k and v biases")
 
     @accepts_cache_alias
     def forward(
@@ -210,9 +214,15 @@ class HybridLMAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nh, L, hd)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, nkv, L, hd)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        qkv = packed_linear([self.q_proj, self.k_proj, self.v_proj], self._qkv_weight, self._qkv_bias)
+        if qkv is None:
+            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        else:
+            sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+            query, key, value = F.linear(hidden_states, *qkv).split(sizes, dim=-1)
+        query = query.view(shape).transpose(1, 2)  # (B, nh, L, hd)
+        key = key.view(shape).transpose(1, 2)  # (B, nkv, L, hd)
+        value = value.view(shape).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:

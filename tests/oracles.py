@@ -1,7 +1,7 @@
 """Independent, deliberately naive references: one Python step per time step, float64.
 
-They share no code with hybrid_lm; tests compare the package's ops against them. Also a counter of live tensor
-bytes, against which the memory calculator is checked on CPU.
+They share no code with hybrid_lm; tests compare the package's ops against them (`assert_close_to` for a
+half-precision result). Also a counter of live tensor bytes, against which the memory calculator is checked on CPU.
 Shape legend: B = batch, D = channels, L = length, N = d_state, K = conv width.
 """
 
@@ -96,3 +96,18 @@ class LiveTensorBytes(TorchDispatchMode):
     def _free(self, key, size):
         self.live -= size
         self._counted.discard(key)
+
+
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def assert_close_to(actual, expected, dtype, name="", baseline=None):
+    """float32: elementwise. bfloat16: the relative error of the whole tensor is at most 1e-2, or at most twice
+    that of `baseline` (the reference itself run in bfloat16), whichever is larger."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual.double(), expected, **TOLERANCE[dtype], msg=name)
+        return
+    scale = expected.norm().item() + 1e-12
+    error = (actual.double() - expected).norm().item() / scale
+    allowed = max(1e-2, 2 * (baseline.double() - expected).norm().item() / scale if baseline is not None else 0)
+    assert error <= allowed, f"{name}: relative error {error:.2e} > {allowed:.2e}"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from builders import tiny_config
+from oracles import TOLERANCE, assert_close_to
 from hybrid_lm.experts_ops import (
     _grouped_mm_loop_op,
     _grouped_mm_masked,
@@ -23,21 +24,6 @@ from hybrid_lm.experts_ops import (
 from hybrid_lm.feed_forward_hybrid_lm import HybridLMSparseMoeBlock
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-
-
-def assert_close_to(actual, expected, dtype, name="", baseline=None):
-    """float32: elementwise. bfloat16: the relative error of the whole tensor is at most 1e-2, or at most twice
-    that of `baseline` (the reference itself run in bfloat16), whichever is larger."""
-    if dtype == torch.float32:
-        torch.testing.assert_close(actual.double(), expected, **TOLERANCE[dtype], msg=name)
-        return
-    scale = expected.norm().item() + 1e-12
-    error = (actual.double() - expected).norm().item() / scale
-    allowed = max(1e-2, 2 * (baseline.double() - expected).norm().item() / scale if baseline is not None else 0)
-    assert error <= allowed, f"{name}: relative error {error:.2e} > {allowed:.2e}"
-
-
 def reference_moe(block, tokens, top_k_index):
     """float64 per-(token, slot) loop. tokens (T, H), top_k_index (T, K) -> (T, H); differentiable in tokens and
     every parameter of `block` (a float64 copy)."""

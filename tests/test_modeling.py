@@ -122,25 +122,38 @@ def test_float32_parameters_are_not_rounded_by_half_precision_casts():
     torch.testing.assert_close(model.model.layers[0].mamba.dt_proj.bias, before, rtol=0, atol=0)
 
 
-def test_save_and_load_after_inference_packed_the_experts(tmp_path):
-    """An inference forward packs each MoE block's expert weights into one storage (feed_forward_hybrid_lm.py);
-    the checkpoint still holds one tensor per expert weight, under Jamba's keys, and loads back exactly."""
+def test_save_and_load_after_inference_packed_the_weights(tmp_path):
+    """An inference forward packs each MoE block's expert weights, each MLP's gate and up and each attention's q, k
+    and v into one storage per group (packed_weights.py); the checkpoint still holds one tensor per weight, under
+    Jamba's keys, and loads back exactly."""
     from safetensors import safe_open
+
+    def storage(module):
+        return module.weight.untyped_storage().data_ptr()
 
     model = tiny_model()
     input_ids = ids()
     with torch.no_grad():
         expected = model(input_ids).logits
+    mlp, attention = model.model.layers[0].feed_forward, model.model.layers[1].self_attn
     experts = model.model.layers[1].feed_forward.experts
-    assert experts[0].gate_proj.weight.untyped_storage().data_ptr() == experts[1].up_proj.weight.untyped_storage().data_ptr()
+    assert storage(experts[0].gate_proj) == storage(experts[1].up_proj)
+    assert storage(mlp.gate_proj) == storage(mlp.up_proj) != storage(mlp.down_proj)
+    assert storage(attention.q_proj) == storage(attention.k_proj) == storage(attention.v_proj) != storage(
+        attention.o_proj)
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("model.layers.1.feed_forward.experts.2.down_proj.weight").shape == (32, 48)
+        assert f.get_tensor("model.layers.1.self_attn.k_proj.weight").shape == attention.k_proj.weight.shape
+        assert f.get_tensor("model.layers.0.feed_forward.up_proj.weight").shape == mlp.up_proj.weight.shape
     assert {f"model.layers.1.feed_forward.experts.{e}.{name}.weight" for e in range(4)
             for name in ("gate_proj", "up_proj", "down_proj")} <= keys
+    assert {f"model.layers.1.self_attn.{name}.weight" for name in ("q_proj", "k_proj", "v_proj")} <= keys
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    torch.testing.assert_close(loaded(input_ids).logits, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(input_ids).logits, expected)  # unpacked: the same up to rounding
 
 
 def test_save_and_load_through_auto_classes(tmp_path):
