@@ -33,7 +33,9 @@ class HybridLMMLP(PacksWeights):
         if gate_up is None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)  # (..., I) each
-        return self.down_proj(self.act_fn(gate) * up)
+        hidden = self.act_fn(gate).mul_(up)  # in place (no gradient here): as much memory as the layers take
+        del gate, up
+        return self.down_proj(hidden)
 
 
 class HybridLMTopKRouter(nn.Module):

@@ -41,12 +41,17 @@ another and free their intermediates, so it is the residual stream plus the larg
         z the scan takes 2D, scan output D, x_proj output R + 2N: (7D + R + 2N) * b per token, plus the
         scan's float32 chunk states B * (ceil(L / 256) + 1) * N * D * 4
     attention layer: q, the attention output and its contiguous copy (3 * nh * hd * b per token; K and V
-        are the cache), plus GQA's repeated K and V (2 * nh * hd * b) when nkv < nh
-    dense MLP: gate/act, up and their product, 3 * I * b per token
+        are the cache), plus GQA's repeated K and V (2 * nh * hd * b) when nkv < nh; at least the copy of the
+        q, k, v weights its first inference forward packs into one tensor ((nh + 2 nkv) * hd * H * b,
+        `packed_weights.py`)
+    dense MLP: gate and up (one product) and the activation, multiplied in place: 3 * I * b per token; at
+        least the copy of the gate and up weights its first inference forward packs, 2 * I * H * b
     MoE, router logits and softmax 2 * E * 4 and three int64 index vectors 3 * K * 8 per token, and
-      - experts in bf16 (grouped products over all experts, `feed_forward_hybrid_lm.py`): the expert weights
-        stacked for the products 3 * E * I * H * b, and over the S = B * L * K routed (token, slot) pairs at
-        once their copy H, the gate/up product 2I, the activation I and its product with up I: S * (H + 4I) * b
+      - experts in bf16 (grouped products over all experts, `feed_forward_hybrid_lm.py`), the larger of
+        the block's first inference forward packing the experts' gate and up weights into one tensor
+        (`packed_weights.py`: the new copy 2 * E * I * H * b while the old weights are freed) and, over the
+        S = B * L * K routed (token, slot) pairs at once, their copy H, the gate/up product 2I, the activation I
+        and its product with up I: S * (H + 4I) * b
       - quantized experts (bitsandbytes layers, run one expert at a time): the routed copies of the tokens
         K * H * b and the output H * b per token, and one expert's gate/act, up, product and down on its share
         of the tokens, balanced routing: ceil(B * L * K / E) * (3I + H) * b
@@ -209,10 +214,10 @@ def activation_bytes(config: HybridLMConfig, context: int, batch: int = 1, prefi
         per_token = 3 * nh * hd * b + (2 * nh * hd * b if nkv < nh else 0)
         # torch.cat holds the old and the new K, V; SDPA turns the boolean mask into an additive one in q's dtype
         growing = 2 * batch * nkv * hd * kept * b + batch * length * kept * b if chunked else 0
-        layers.append(tokens * per_token + growing)
+        layers.append(max(tokens * per_token + growing, (nh + 2 * nkv) * hd * H * b))
     feed_forward = {config.feed_forward_type(i) for i in range(config.num_hidden_layers)}
     if "mlp" in feed_forward:
-        layers.append(tokens * 3 * I * b)
+        layers.append(max(tokens * 3 * I * b, 2 * I * H * b))
     if "moe" in feed_forward:
         layers.append(moe_activation_bytes(config, tokens, grouped_experts))
     return residual + max(layers)
@@ -224,7 +229,7 @@ def moe_activation_bytes(config: HybridLMConfig, tokens: int, grouped_experts: b
     E, K = config.num_experts, config.num_experts_per_tok
     routing = tokens * (2 * E * 4 + 3 * K * 8)
     if grouped_experts:
-        return routing + 3 * E * I * H * b + tokens * K * (H + 4 * I) * b
+        return routing + max(2 * E * I * H * b, tokens * K * (H + 4 * I) * b)
     return routing + tokens * (K + 1) * H * b + math.ceil(tokens * K / E) * (3 * I + H) * b
 
 
