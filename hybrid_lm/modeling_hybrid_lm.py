@@ -49,6 +49,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from . import transformers_compat as compat
 from .configuration_hybrid_lm import HybridLMConfig, check_kernel_backend
 from .cross_entropy_ops import linear_cross_entropy
+from .decode_attention_ops import decode_attention_triton, decode_kernel_takes
 from .feed_forward_hybrid_lm import (
     HybridLMMLP,
     HybridLMSparseMoeBlock,
@@ -228,6 +229,13 @@ class HybridLMAttention(PacksWeights):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (B, nkv, S, hd)
 
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if self.config._attn_implementation == "sdpa" and decode_kernel_takes(
+                query, key, value, attention_mask, self.config.kernel_backend, dropout):
+            # One query per row (a decode step): SDPA would run one program per head over every key, after
+            # transformers copied K and V once per query head under torch.compile (decode_attention_ops.py)
+            output = decode_attention_triton(query, key, value, attention_mask, self.scaling)  # (B, 1, nh, hd)
+            return self.o_proj(output.reshape(batch, length, -1)), None
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         with sdpa_kernel(_SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():
             output, weights = attention(
@@ -236,7 +244,7 @@ class HybridLMAttention(PacksWeights):
                 key,
                 value,
                 attention_mask,
-                dropout=self.config.attention_dropout if self.training else 0.0,
+                dropout=dropout,
                 scaling=self.scaling,
                 sliding_window=self.sliding_window,
                 **kwargs,

@@ -162,7 +162,8 @@ def test_save_and_load_through_auto_classes(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     for name in ("modeling_hybrid_lm.py", "configuration_hybrid_lm.py", "mamba_kernels.py", "mamba_scan_ref.py",
                  "mamba_conv_ref.py", "mamba_scan_triton.py", "mamba_conv_triton.py", "mamba_cuda.py",
-                 "custom_ops.py", "generation_hybrid_lm.py", "decoding_hybrid_lm.py"):  # GPU kernels travel too
+                 "custom_ops.py", "generation_hybrid_lm.py", "decoding_hybrid_lm.py", "packed_weights.py",
+                 "decode_attention_ops.py", "triton_decode_attention.py"):  # GPU kernels travel too
         assert (tmp_path / name).exists(), name
     input_ids = ids()
     expected = model(input_ids).logits

@@ -1,0 +1,196 @@
+"""Attention of one query per row over a key/value cache (a decode step): the Triton tier, split over the keys.
+
+Shape legend: B = batch, nkv = key/value heads, G = query heads per key/value head (nh = nkv * G), S = keys,
+D = head dim, P = key splits; BG, BN, BD = a program's tile (G, keys, D, each rounded up to a power of two).
+Same semantics and signature as `decode_attention_ops.decode_attention_ref` (see there for the formula).
+
+SDPA's kernels give a one-query step one program per (row, head) that walks every key: 16 programs on a GPU of 132
+multiprocessors at batch 1, and under torch.compile transformers also copies K and V once per query head of a group
+(`repeat_kv`) before them. Here (the flash-decoding scheme) the keys are split into P slices:
+
+    pass 1, one program per (row, key/value head, slice): the G query heads of the group against the slice's keys,
+        read once for the whole group; an online softmax gives the slice's running max m, sum l and weighted
+        value sum acc (float32 partials)
+    pass 2, one program per (row, key/value head): out = sum_p acc_p e^(m_p - M) / sum_p l_p e^(m_p - M),
+        M = max_p m_p
+
+P is chosen so that about two programs run per multiprocessor, each over at least `_MIN_KEYS_PER_SPLIT` keys.
+Arithmetic is float32; products are element-wise multiplies and sums (no `tl.dot`, whose bfloat16 result Triton's
+CPU interpreter gets wrong), which suits a memory-bound step.
+"""
+
+import functools
+
+import torch
+
+try:  # transformers' remote-code loader skips imports inside try blocks; decode_attention_ops falls back
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the Triton kernels need triton: pip install triton") from error
+
+from .custom_ops import eager_or_op, op_namespace, triton_runs_on
+
+_NS = op_namespace(__name__)
+
+_MIN_KEYS_PER_SPLIT = 64
+_PROGRAMS_PER_SM = 2
+_SMS_OFF_GPU = 8  # the interpreter's "multiprocessors": enough that tiny tests cross several slices
+# A pass-1 tile multiplies BG x BN x BD elements at once; BN is sized to keep it about this big.
+_TILE_ELEMENTS = 8192
+
+
+@triton.jit
+def _decode_attention_partial_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, max_ptr, sum_ptr,
+    keys, keys_per_split, scaling,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_mb, stride_mn,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """q: (B, nh, D) strided, unit last stride; k, v: (B, nkv, S, D) strided, unit last stride; mask: (B, S) bool
+    (stride 0 for a mask shared by the rows). Writes acc (B * nkv, P, BG, BD), max and sum (B * nkv, P, BG)."""
+    row_head = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = row_head // NUM_KV_HEADS
+    kv_head = row_head % NUM_KV_HEADS
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (kv_head * GROUP + g)[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_rows, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scaling  # (BG, BD)
+
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, keys)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        valid = n_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + n * stride_mn, mask=n_ok, other=0) != 0)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, BN)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: keep exp(-inf - shift) = 0
+        p = tl.exp(scores - shift[:, None])  # (BG, BN)
+        rescale = tl.exp(running_max - shift)
+        running_sum = running_sum * rescale + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
+        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        running_max = new_max
+
+    partial = row_head.to(tl.int64) * splits + split
+    tl.store(acc_ptr + (partial * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc)
+    tl.store(max_ptr + partial * BLOCK_G + g, running_max)
+    tl.store(sum_ptr + partial * BLOCK_G + g, running_sum)
+
+
+@triton.jit
+def _decode_attention_combine_kernel(
+    acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_ob, stride_oh,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The partials of one (row, key/value head) into out (B, nh, D) strided, unit last stride."""
+    row_head = tl.program_id(0)
+    b = row_head // NUM_KV_HEADS
+    kv_head = row_head % NUM_KV_HEADS
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    first = row_head.to(tl.int64) * splits
+    overall_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    for split in range(0, splits):
+        overall_max = tl.maximum(overall_max, tl.load(max_ptr + (first + split) * BLOCK_G + g))
+    shift = tl.where(overall_max == float("-inf"), 0.0, overall_max)
+    total = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for split in range(0, splits):
+        partial = first + split
+        weight = tl.exp(tl.load(max_ptr + partial * BLOCK_G + g) - shift)  # (BG,); 0 for a slice without keys
+        total += tl.load(sum_ptr + partial * BLOCK_G + g) * weight
+        acc += tl.load(acc_ptr + (partial * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :]) * weight[:, None]
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # a row without any key attends to nothing: 0
+    out_rows = out_ptr + b.to(tl.int64) * stride_ob + (kv_head * GROUP + g)[:, None] * stride_oh + d[None, :]
+    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _SMS_OFF_GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def key_slices(batch: int, kv_heads: int, keys: int, device: torch.device) -> tuple[int, int]:
+    """(P, keys per slice): about `_PROGRAMS_PER_SM` pass-1 programs per multiprocessor, each over at least
+    `_MIN_KEYS_PER_SPLIT` keys, and no empty slice."""
+    wanted = max(1, _PROGRAMS_PER_SM * _multiprocessors(device) // (batch * kv_heads))
+    keys_per_split = triton.cdiv(keys, max(1, min(wanted, triton.cdiv(keys, _MIN_KEYS_PER_SPLIT))))
+    return triton.cdiv(keys, keys_per_split), keys_per_split
+
+
+def _launch(query, key, value, mask, scaling: float) -> torch.Tensor:
+    """query (B, nh, D), key / value (B, nkv, S, D), mask (B, S) bool or None -> (B, nh, D) in query's dtype."""
+    batch, heads, head_dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
+    block_n = max(16, min(128, triton.next_power_of_2(_TILE_ELEMENTS // (block_g * block_d))))
+    splits, keys_per_split = key_slices(batch, kv_heads, keys, query.device)
+    partials = batch * kv_heads * splits
+    acc = torch.empty(partials, block_g, block_d, device=query.device, dtype=torch.float32)
+    running_max = torch.empty(partials, block_g, device=query.device, dtype=torch.float32)
+    running_sum = torch.empty(partials, block_g, device=query.device, dtype=torch.float32)
+    out = torch.empty(batch, heads, head_dim, device=query.device, dtype=query.dtype)
+    mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    _decode_attention_partial_kernel[(batch * kv_heads, splits)](
+        query, key, value, mask, acc, running_max, running_sum,
+        keys, keys_per_split, scaling,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), *mask_strides,
+        NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, HAS_MASK=mask is not None,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+    )
+    _decode_attention_combine_kernel[(batch * kv_heads,)](
+        acc, running_max, running_sum, out, splits, out.stride(0), out.stride(1),
+        NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d,
+    )
+    return out
+
+
+@torch.library.custom_op(f"{_NS}::decode_attention", mutates_args=())
+def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                         scaling: float) -> torch.Tensor:
+    return _launch(query, key, value, mask, scaling)
+
+
+@_decode_attention_op.register_fake
+def _(query, key, value, mask, scaling):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+_decode_attention = eager_or_op(_launch, _decode_attention_op)
+
+
+def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                            scaling: float) -> torch.Tensor:
+    """`decode_attention_ref`'s contract (decode_attention_ops.py) on the Triton kernels: query (B, nh, 1, D), key /
+    value (B, nkv, S, D) with unit last strides, mask (B or 1, 1, 1, S) bool or None -> (B, 1, nh, D). No
+    gradient (inference only)."""
+    if not triton_runs_on(query.device):
+        raise ValueError(f"decode_attention_triton: tensors on {query.device}; the kernels run on CUDA (or on CPU "
+                         "with TRITON_INTERPRET=1)")
+    batch = query.shape[0]
+    if mask is not None:
+        mask = mask[:, 0, 0, :].expand(batch, -1)  # (B, S); stride 0 over rows for a shared mask
+    out = _decode_attention(query[:, :, 0], key, value, mask, float(scaling))  # (B, nh, D)
+    return out[:, None]
