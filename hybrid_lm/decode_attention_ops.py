@@ -50,7 +50,7 @@ def decode_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def decode_kernel_takes(query, key, value, mask, backend: str, dropout: float) -> bool:
     """Whether `decode_attention` runs the Triton kernels for this call: one query per row, no dropout, tensors on
     CUDA (unless `backend` is "torch"; CPU ones in Triton's interpreter only for "triton", as for the other ops) in
-    float32 / bfloat16 / float16 with unit last strides, D at most 256, nkv dividing nh, and a boolean mask
+    float32 / bfloat16 / float16, D at most 256, nkv dividing nh, and a boolean mask
     (B or 1, 1, 1, S) or none. Decided from types and shapes only, so the same in eager mode, under torch.compile
     and in CUDA graphs."""
     device = query.device
@@ -63,7 +63,6 @@ def decode_kernel_takes(query, key, value, mask, backend: str, dropout: float) -
         and key.device == device and value.device == device
         and key.dim() == value.dim() == 4 and key.shape == value.shape and key.shape[0] == batch
         and key.shape[-1] == head_dim <= _MAX_HEAD_DIM and heads % key.shape[1] == 0
-        and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
         and (mask is None or (mask.dtype == torch.bool and mask.device == device and mask.dim() == 4
                               and mask.shape[0] in (1, batch) and mask.shape[1:3] == (1, 1)
                               and mask.shape[-1] == key.shape[2]))

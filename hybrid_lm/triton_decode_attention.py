@@ -44,12 +44,13 @@ _TILE_ELEMENTS = 8192
 def _decode_attention_partial_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, max_ptr, sum_ptr,
     keys, keys_per_split, scaling,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_mb, stride_mn,
+    stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+    stride_vd, stride_mb, stride_mn,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """q: (B, nh, D) strided, unit last stride; k, v: (B, nkv, S, D) strided, unit last stride; mask: (B, S) bool
-    (stride 0 for a mask shared by the rows). Writes acc (B * nkv, P, BG, BD), max and sum (B * nkv, P, BG)."""
+    """q: (B, nh, D); k, v: (B, nkv, S, D); mask: (B, S) bool (stride 0 for a mask shared by the rows); any
+    strides. Writes acc (B * nkv, P, BG, BD), max and sum (B * nkv, P, BG), contiguous."""
     row_head = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -59,7 +60,7 @@ def _decode_attention_partial_kernel(
     d = tl.arange(0, BLOCK_D)
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
-    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (kv_head * GROUP + g)[:, None] * stride_qh + d[None, :]
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (kv_head * GROUP + g)[:, None] * stride_qh + d[None, :] * stride_qd
     q = tl.load(q_rows, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scaling  # (BG, BD)
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -76,7 +77,7 @@ def _decode_attention_partial_kernel(
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + n * stride_mn, mask=n_ok, other=0) != 0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
+        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, BN)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -84,7 +85,7 @@ def _decode_attention_partial_kernel(
         p = tl.exp(scores - shift[:, None])  # (BG, BN)
         rescale = tl.exp(running_max - shift)
         running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
+        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
         acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         running_max = new_max
 
@@ -155,8 +156,7 @@ def _launch(query, key, value, mask, scaling: float) -> torch.Tensor:
     _decode_attention_partial_kernel[(batch * kv_heads, splits)](
         query, key, value, mask, acc, running_max, running_sum,
         keys, keys_per_split, scaling,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), *mask_strides,
+        *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, HAS_MASK=mask is not None,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
     )
@@ -184,8 +184,7 @@ _decode_attention = eager_or_op(_launch, _decode_attention_op)
 def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                             scaling: float) -> torch.Tensor:
     """`decode_attention_ref`'s contract (decode_attention_ops.py) on the Triton kernels: query (B, nh, 1, D), key /
-    value (B, nkv, S, D) with unit last strides, mask (B or 1, 1, 1, S) bool or None -> (B, 1, nh, D). No
-    gradient (inference only)."""
+    value (B, nkv, S, D), mask (B or 1, 1, 1, S) bool or None -> (B, 1, nh, D). No gradient (inference only)."""
     if not triton_runs_on(query.device):
         raise ValueError(f"decode_attention_triton: tensors on {query.device}; the kernels run on CUDA (or on CPU "
                          "with TRITON_INTERPRET=1)")
