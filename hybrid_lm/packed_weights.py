@@ -24,7 +24,7 @@ class PackedWeights:
 
     `get(params)` returns the tensor whose consecutive slices are `params`, in order, packing them at the first
     call; None where packing does not apply: gradients are enabled, the parameters are not plain contiguous
-    tensors of one device and dtype (DTensors of a tensor-parallel plan, say), or there was no memory to pack.
+    tensors of one device and dtype that own their storage (see `_packable`), or there was no memory to pack.
     In eager mode each call checks by address that the parameters still are the slices (and packs again where
     they are not); compiled code checks parameter identity only and never packs, so an eager forward must come
     first (the decode step's capture runs one), and the owning module drops the packing when its weights move
@@ -102,10 +102,13 @@ def is_plain_linear(layer: nn.Module) -> bool:
 
 
 def _packable(params: list[nn.Parameter]) -> bool:
-    """Plain, contiguous tensors of one device and dtype (not DTensors of a tensor-parallel plan, say)."""
+    """Plain, contiguous tensors of one device and dtype, each the whole of its storage: not DTensors of a
+    tensor-parallel plan, and not views into a buffer something else manages (FSDP's flat parameters, DeepSpeed's
+    gathered partitions), whose packed copies would keep the gathered weights alive."""
     first = params[0]
     return all(p is not None and type(p.data) is torch.Tensor and p.is_contiguous() and p.device == first.device
-               and p.dtype == first.dtype for p in params)
+               and p.dtype == first.dtype and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+               for p in params)
 
 
 def _pack(params: list[nn.Parameter]) -> torch.Tensor:

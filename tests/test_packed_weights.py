@@ -103,6 +103,25 @@ def test_packing_follows_training_moves_replacement_and_copies(kind):
         torch.testing.assert_close(run(module, x), unpacked_output(module, x))  # the original is untouched
 
 
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_views_into_a_managed_buffer_are_left_alone(kind):
+    """Parameters that are views into one larger buffer (as FSDP's flat parameters and DeepSpeed's gathered
+    partitions are) are not copied out of it: the group runs unpacked, on the buffer's current values."""
+    module = make_module(kind)
+    params = list(module.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    start = 0
+    for param in params:
+        param.data = flat[start:start + param.numel()].view(param.shape)
+        start += param.numel()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        flat.mul_(0.5)  # whoever manages the buffer updates it
+        out = run(module, x)
+    assert {p.untyped_storage().data_ptr() for p in module.parameters()} == {flat.untyped_storage().data_ptr()}
+    assert_close_to(out, unpacked_output(module, x), torch.float32, "unpacked")
+
+
 def test_compiled_inference_forgets_the_packing_when_the_weights_move():
     """Compiled code checks the packing by parameter identity only, so a move (`.to()`) must drop it."""
     model = tiny_model()
