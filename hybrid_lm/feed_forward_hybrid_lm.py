@@ -64,8 +64,9 @@ class HybridLMSparseMoeBlock(PacksWeights):
     bitsandbytes quantizes them. When every expert projection is a plain nn.Linear, or a plain peft LoRA layer
     over one, the experts run as grouped matrix products over all experts (`experts_ops.grouped_mm`; gate and up
     in one product, each LoRA adapter as two more) on weights stacked per forward (without gradients: packed once,
-    packed_weights.py), the same in eager and compiled mode, with no host sync where `torch._grouped_mm` has its kernel. Differs from transformers' Jamba, which
-    stores 3-D expert parameters (`gate_up_proj`, `down_proj`) and converts the keys on load.
+    packed_weights.py), the same in eager and compiled mode, with no host sync where `torch._grouped_mm` has its
+    kernel. Differs from transformers' Jamba, which stores 3-D expert parameters (`gate_up_proj`, `down_proj`) and
+    converts the keys on load.
 
     Other experts (bitsandbytes layers, DoRA or other LoRA variants, merged or disabled adapters, accelerate
     hooks on a projection) run module by module on the tokens routed to them (eager; the per-expert counts are
@@ -164,8 +165,8 @@ class HybridLMSparseMoeBlock(PacksWeights):
 
     def _packed_weights(self, gate_up: list, down: list, dtype):
         """(E, 2I, H) and (E, H, I) tensors whose slices *are* the experts' weights, for forwards that need no
-        gradient in the weights' own dtype (inference); None otherwise. Stacking copies every expert's weights
-        each forward: before packing (packed_weights.py), a third of a decode step on the bench config
+        gradient in the weights' own dtype (inference); None otherwise (packed_weights.py). Stacking them instead
+        copied every expert's weights in every forward: a third of a decode step on the bench config
         (benchmarks/RESULTS.md, "Generation")."""
         if dtype != down[0].dtype:
             return None

@@ -14,8 +14,9 @@ multiprocessors at batch 1, and under torch.compile transformers also copies K a
     pass 2, one program per (row, key/value head): out = sum_p acc_p e^(m_p - M) / sum_p l_p e^(m_p - M),
         M = max_p m_p
 
-P is chosen so that about two programs run per multiprocessor, each over at least `_MIN_KEYS_PER_SPLIT` keys.
-Arithmetic is float32; products are element-wise multiplies and sums (no `tl.dot`, whose bfloat16 result Triton's
+P is chosen so that about two programs run per multiprocessor, each over at least `_MIN_KEYS_PER_SPLIT` keys. On an
+H100, a batch-1 step of mamba-ssm's dense config after an 8192-token prompt took 0.49 ms against SDPA's 0.90
+(benchmarks/RESULTS.md, "Generation"), the two passes 21 and 16 us of it. Arithmetic is float32; products are element-wise multiplies and sums (no `tl.dot`, whose bfloat16 result Triton's
 CPU interpreter gets wrong), which suits a memory-bound step.
 """
 
@@ -77,7 +78,8 @@ def _decode_attention_partial_kernel(
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + n * stride_mn, mask=n_ok, other=0) != 0)
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
+        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        k = k.to(tl.float32)  # (BN, BD)
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, BN)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -85,7 +87,8 @@ def _decode_attention_partial_kernel(
         p = tl.exp(scores - shift[:, None])  # (BG, BN)
         rescale = tl.exp(running_max - shift)
         running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
+        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        v = v.to(tl.float32)  # (BN, BD)
         acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         running_max = new_max
 
