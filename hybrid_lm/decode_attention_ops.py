@@ -20,6 +20,11 @@ try:  # transformers' remote-code loader skips imports inside try blocks; withou
 except ImportError:
     decode_attention_triton = None
 
+try:  # a tensor-parallel plan may hand over DTensors: SDPA takes those
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has none
+    DTensor = ()
+
 _MAX_HEAD_DIM = 256
 
 
@@ -50,7 +55,7 @@ def decode_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def decode_kernel_takes(query, key, value, mask, backend: str, dropout: float) -> bool:
     """Whether `decode_attention` runs the Triton kernels for this call: one query per row, no dropout, tensors on
     CUDA (unless `backend` is "torch"; CPU ones in Triton's interpreter only for "triton", as for the other ops) in
-    float32 / bfloat16 / float16, D at most 256, nkv dividing nh, and a boolean mask
+    float32 / bfloat16 / float16 (no DTensors), D at most 256, nkv dividing nh, and a boolean mask
     (B or 1, 1, 1, S) or none. Decided from types and shapes only, so the same in eager mode, under torch.compile
     and in CUDA graphs."""
     device = query.device
@@ -61,6 +66,7 @@ def decode_kernel_takes(query, key, value, mask, backend: str, dropout: float) -
         and length == 1 and dropout == 0.0 and not torch.is_grad_enabled()
         and has_triton_dtypes(query, key, value) and key.dtype == value.dtype
         and key.device == device and value.device == device
+        and not any(isinstance(t, DTensor) for t in (query, key, value, mask))
         and key.dim() == value.dim() == 4 and key.shape == value.shape and key.shape[0] == batch
         and key.shape[-1] == head_dim <= _MAX_HEAD_DIM and heads % key.shape[1] == 0
         and (mask is None or (mask.dtype == torch.bool and mask.device == device and mask.dim() == 4

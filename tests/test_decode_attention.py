@@ -120,6 +120,24 @@ def test_which_calls_the_kernels_take():
     assert not decode_kernel_takes(query, key, value, mask, "triton", 0.0)  # gradients enabled
 
 
+def test_dtensors_are_left_to_sdpa():
+    """A tensor-parallel plan may hand the attention DTensors; the kernels take plain tensors only."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    query, key, value, mask = make_inputs(2, 4, 2, 20, 16, torch.float32, "padded")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(DEVICE, (1,))
+        with torch.no_grad():
+            assert decode_kernel_takes(query, key, value, mask, "triton", 0.0)
+            key = DTensor.from_local(key, mesh, [Replicate()], run_check=False)
+            assert not decode_kernel_takes(query, key, value, mask, "triton", 0.0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_custom_op_is_registered_correctly():
     query, key, value, mask = make_inputs(2, 4, 2, 20, 16, torch.float32, "padded")
     torch.library.opcheck(triton_decode_attention._decode_attention_op,
