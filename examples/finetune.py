@@ -198,6 +198,10 @@ def main(argv=None):
         print(f"saved to {final_dir}")
     # Every process shuts its process group down before its interpreter exits: left to the exit, the teardown of a
     # process that finished first aborted once ("terminate called without an active exception", CPU DDP in CI).
+    # The barrier first: it lets gloo's worker threads finish their last collectives (the trainer's gathers), whose
+    # clean-up needs the GIL, before the group can be torn down by a thread that holds it (a deadlock seen in CI:
+    # ~ProcessGroupGloo joining a worker that waited for the GIL in ~AsyncAllgatherWork).
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return trainer
 
