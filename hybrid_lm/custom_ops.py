@@ -9,6 +9,11 @@ import re
 
 import torch
 
+try:  # a tensor-parallel plan hands over DTensors, which the kernels do not take
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has none
+    DTensor = ()
+
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -25,6 +30,16 @@ def triton_runs_on(device: torch.device) -> bool:
     """Whether Triton kernels run on tensors of `device`: CUDA ones, or CPU ones in Triton's interpreter
     (TRITON_INTERPRET=1, which the tests set; triton reads it when imported)."""
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def tier_runs_on(backend: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether a fused kernel may compute on `tensors` (None skipped) for `config.kernel_backend` = `backend`: all on
+    one device and none a DTensor, on CUDA unless "torch", on CPU (Triton's interpreter) only for "triton". Decided
+    from types and devices only, so the same in eager mode, under torch.compile and in CUDA graphs."""
+    given = [t for t in tensors if t is not None]
+    device = given[0].device
+    return ((backend != "torch" if device.type == "cuda" else backend == "triton" and triton_runs_on(device))
+            and all(t.device == device and not isinstance(t, DTensor) for t in given))
 
 
 def has_triton_dtypes(*tensors: torch.Tensor | None) -> bool:

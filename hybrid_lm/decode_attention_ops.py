@@ -13,17 +13,12 @@ SDPA with a boolean mask computes the same; `decode_attention_ref` keeps the for
 
 import torch
 
-from .custom_ops import has_triton_dtypes, triton_runs_on
+from .custom_ops import has_triton_dtypes, tier_runs_on
 
 try:  # transformers' remote-code loader skips imports inside try blocks; without triton, SDPA runs
     from .triton_decode_attention import decode_attention_triton
 except ImportError:
     decode_attention_triton = None
-
-try:  # a tensor-parallel plan may hand over DTensors: SDPA takes those
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed support has none
-    DTensor = ()
 
 _MAX_HEAD_DIM = 256
 
@@ -53,23 +48,20 @@ def decode_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 def decode_kernel_takes(query, key, value, mask, backend: str, dropout: float) -> bool:
-    """Whether `decode_attention` runs the Triton kernels for this call: one query per row, no dropout, tensors on
-    CUDA (unless `backend` is "torch"; CPU ones in Triton's interpreter only for "triton", as for the other ops) in
-    float32 / bfloat16 / float16 (no DTensors), D at most 256, nkv dividing nh, and a boolean mask
+    """Whether the Triton kernels run this call: one query per row, no dropout, tensors the tier runs on
+    (`custom_ops.tier_runs_on`: one device, CUDA unless "torch", no DTensors) in float32 / bfloat16 / float16,
+    D at most 256, nkv dividing nh, and a boolean mask
     (B or 1, 1, 1, S) or none. Decided from types and shapes only, so the same in eager mode, under torch.compile
     and in CUDA graphs."""
-    device = query.device
     batch, heads, length, head_dim = query.shape
     return (
         decode_attention_triton is not None
-        and (backend != "torch" if device.type == "cuda" else backend == "triton" and triton_runs_on(device))
+        and tier_runs_on(backend, query, key, value, mask)
         and length == 1 and dropout == 0.0 and not torch.is_grad_enabled()
         and has_triton_dtypes(query, key, value) and key.dtype == value.dtype
-        and key.device == device and value.device == device
-        and not any(isinstance(t, DTensor) for t in (query, key, value, mask))
         and key.dim() == value.dim() == 4 and key.shape == value.shape and key.shape[0] == batch
         and key.shape[-1] == head_dim <= _MAX_HEAD_DIM and heads % key.shape[1] == 0
-        and (mask is None or (mask.dtype == torch.bool and mask.device == device and mask.dim() == 4
+        and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4
                               and mask.shape[0] in (1, batch) and mask.shape[1:3] == (1, 1)
                               and mask.shape[-1] == key.shape[2]))
     )

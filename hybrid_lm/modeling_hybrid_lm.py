@@ -49,6 +49,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from . import transformers_compat as compat
 from .configuration_hybrid_lm import HybridLMConfig, check_kernel_backend
 from .cross_entropy_ops import linear_cross_entropy
+from .custom_ops import DTensor  # the parameters of a tensor-parallel model
 from .decode_attention_ops import decode_attention_triton, decode_kernel_takes
 from .feed_forward_hybrid_lm import (
     HybridLMMLP,
@@ -67,11 +68,6 @@ from .rms_norm_ops import rms_norm
 from .transformers_compat import CACHE_NAME, accepts_cache_alias, cache_output
 
 logger = logging.get_logger(__name__)
-
-try:
-    from torch.distributed.tensor import DTensor  # the parameters of a tensor-parallel model
-except ImportError:  # a torch built without distributed support has none
-    DTensor = ()
 
 
 # ----------------------------------------------------------------------------- norms, rotary embeddings

@@ -16,17 +16,12 @@ calls take torch's fused `F.rms_norm` instead, whose dispatch costs the host les
 import torch
 import torch.nn.functional as F
 
-from .custom_ops import has_triton_dtypes, triton_runs_on
+from .custom_ops import has_triton_dtypes, tier_runs_on
 
 try:  # transformers' remote-code loader skips imports inside try blocks; without triton the reference runs
     from .triton_rms_norm import MAX_HIDDEN, rms_norm_triton
 except ImportError:
     rms_norm_triton, MAX_HIDDEN = None, 0
-
-try:  # tensor-parallel parameters are DTensors: the reference handles them
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed support has none
-    DTensor = ()
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
@@ -55,12 +50,9 @@ def _fused_tier_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Ten
     "torch" (CPU ones in Triton's interpreter only for "triton", as for the Mamba ops), float32 / bfloat16 / float16,
     a (H,) weight, a residual of x's shape, H > 0, no DTensor. Decided from types and shapes only (no device values),
     so the choice is the same in eager mode, under torch.compile and in CUDA graphs."""
-    tensors = (x, weight) if residual is None else (x, weight, residual)
-    device = x.device
     return (
-        (backend != "torch" if device.type == "cuda" else backend == "triton" and triton_runs_on(device))
-        and has_triton_dtypes(*tensors)
-        and all(t.device == device and not isinstance(t, DTensor) for t in tensors)
+        tier_runs_on(backend, x, weight, residual)
+        and has_triton_dtypes(x, weight, residual)
         and weight.dim() == 1 and x.dim() >= 1 and 0 < x.shape[-1] == weight.shape[0]
         and (residual is None or residual.shape == x.shape)
     )
