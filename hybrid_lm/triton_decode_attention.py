@@ -11,16 +11,17 @@ multiprocessors at batch 1, and under torch.compile transformers also copies K a
     pass 1, one program per (row, key/value head, slice): the G query heads of the group against the slice's keys,
         read once for the whole group; an online softmax gives the slice's running max m, sum l and weighted
         value sum acc (float32 partials)
-    pass 2, one program per (row, key/value head): out = sum_p acc_p e^(m_p - M) / sum_p l_p e^(m_p - M),
-        M = max_p m_p
+    pass 2, one program per (row, query head), all slices loaded at once where they fit:
+        out = sum_p acc_p e^(m_p - M) / sum_p l_p e^(m_p - M), M = max_p m_p
 
-P is chosen so that about two programs run per multiprocessor, each over at least `_MIN_KEYS_PER_SPLIT` keys. On an
+`DecodeTiles` sets how many slices (about two programs per multiprocessor, each over at least 64 keys). On an
 H100, a batch-1 step of mamba-ssm's dense config after an 8192-token prompt took 0.49 ms against SDPA's 0.90
-(benchmarks/RESULTS.md, "Generation"), the two passes 21 and 16 us of it. Arithmetic is float32; products are element-wise multiplies and sums (no `tl.dot`, whose bfloat16 result Triton's
-CPU interpreter gets wrong), which suits a memory-bound step.
+(benchmarks/RESULTS.md, "Generation"). Arithmetic is float32; products are element-wise multiplies and sums (no
+`tl.dot`, whose bfloat16 result Triton's CPU interpreter gets wrong), which suits a memory-bound step.
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -34,11 +35,20 @@ from .custom_ops import eager_or_op, op_namespace, triton_runs_on
 
 _NS = op_namespace(__name__)
 
-_MIN_KEYS_PER_SPLIT = 64
-_PROGRAMS_PER_SM = 2
 _SMS_OFF_GPU = 8  # the interpreter's "multiprocessors": enough that tiny tests cross several slices
-# A pass-1 tile multiplies BG x BN x BD elements at once; BN is sized to keep it about this big.
-_TILE_ELEMENTS = 8192
+
+
+class DecodeTiles(NamedTuple):
+    """How the kernels split the work. Pass 1 gives each multiprocessor about `programs_per_sm` programs, each over
+    a slice of at least `min_keys_per_split` keys, walked `block_n` keys at a time (None: sized so that a tile of
+    BG x BN x BD products holds about 8192 elements) by `num_warps` warps. Pass 2 loads up to `combine_elements`
+    / BD slices at once (rounded down to a power of two). The defaults were timed on an H100 (benchmarks/RESULTS.md, "Generation")."""
+
+    programs_per_sm: int = 2
+    min_keys_per_split: int = 64
+    block_n: int | None = None
+    num_warps: int = 4
+    combine_elements: int = 4096
 
 
 @triton.jit
@@ -101,30 +111,38 @@ def _decode_attention_partial_kernel(
 @triton.jit
 def _decode_attention_combine_kernel(
     acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_ob, stride_oh,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """The partials of one (row, key/value head) into out (B, nh, D) strided, unit last stride."""
+    """The partials of one (row, query head) into out (B, nh, D) strided, unit last stride. BLOCK_P slices are
+    loaded at once (all of them, where they fit), so the program waits on memory once, not once per slice."""
     row_head = tl.program_id(0)
-    b = row_head // NUM_KV_HEADS
-    kv_head = row_head % NUM_KV_HEADS
-    g = tl.arange(0, BLOCK_G)
+    b = row_head // HEADS
+    head = row_head % HEADS
+    g = head % GROUP
+    first = (b * (HEADS // GROUP) + head // GROUP).to(tl.int64) * splits  # the (row, key/value head)'s first slice
+    p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
-    first = row_head.to(tl.int64) * splits
-    overall_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    for split in range(0, splits):
-        overall_max = tl.maximum(overall_max, tl.load(max_ptr + (first + split) * BLOCK_G + g))
+    slice_max = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for p0 in range(0, splits, BLOCK_P):
+        partial = first + p0 + p
+        slice_max = tl.maximum(slice_max, tl.load(max_ptr + partial * BLOCK_G + g, mask=p0 + p < splits,
+                                                  other=float("-inf")))
+    overall_max = tl.max(slice_max, axis=0)
     shift = tl.where(overall_max == float("-inf"), 0.0, overall_max)
-    total = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    for split in range(0, splits):
-        partial = first + split
-        weight = tl.exp(tl.load(max_ptr + partial * BLOCK_G + g) - shift)  # (BG,); 0 for a slice without keys
-        total += tl.load(sum_ptr + partial * BLOCK_G + g) * weight
-        acc += tl.load(acc_ptr + (partial * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :]) * weight[:, None]
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # a row without any key attends to nothing: 0
-    out_rows = out_ptr + b.to(tl.int64) * stride_ob + (kv_head * GROUP + g)[:, None] * stride_oh + d[None, :]
-    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
+    total = tl.zeros((BLOCK_P,), tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+    for p0 in range(0, splits, BLOCK_P):
+        partial = first + p0 + p
+        ok = p0 + p < splits
+        weight = tl.exp(tl.load(max_ptr + partial * BLOCK_G + g, mask=ok, other=float("-inf")) - shift)  # 0: no keys
+        total += tl.load(sum_ptr + partial * BLOCK_G + g, mask=ok, other=0.0) * weight
+        acc += tl.load(acc_ptr + (partial * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], mask=ok[:, None],
+                       other=0.0) * weight[:, None]
+    total_sum = tl.sum(total, axis=0)
+    out = tl.sum(acc, axis=0) / tl.where(total_sum == 0.0, 1.0, total_sum)  # a row without any key attends to nothing
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 @functools.cache
@@ -134,22 +152,23 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def key_slices(batch: int, kv_heads: int, keys: int, device: torch.device) -> tuple[int, int]:
-    """(P, keys per slice): about `_PROGRAMS_PER_SM` pass-1 programs per multiprocessor, each over at least
-    `_MIN_KEYS_PER_SPLIT` keys, and no empty slice."""
-    wanted = max(1, _PROGRAMS_PER_SM * _multiprocessors(device) // (batch * kv_heads))
-    keys_per_split = triton.cdiv(keys, max(1, min(wanted, triton.cdiv(keys, _MIN_KEYS_PER_SPLIT))))
+def key_slices(batch: int, kv_heads: int, keys: int, device: torch.device,
+               tiles: DecodeTiles = DecodeTiles()) -> tuple[int, int]:
+    """(P, keys per slice): about `tiles.programs_per_sm` pass-1 programs per multiprocessor, each over at least
+    `tiles.min_keys_per_split` keys, and no empty slice."""
+    wanted = max(1, tiles.programs_per_sm * _multiprocessors(device) // (batch * kv_heads))
+    keys_per_split = triton.cdiv(keys, max(1, min(wanted, triton.cdiv(keys, tiles.min_keys_per_split))))
     return triton.cdiv(keys, keys_per_split), keys_per_split
 
 
-def _launch(query, key, value, mask, scaling: float) -> torch.Tensor:
+def _launch(query, key, value, mask, scaling: float, tiles: DecodeTiles = DecodeTiles()) -> torch.Tensor:
     """query (B, nh, D), key / value (B, nkv, S, D), mask (B, S) bool or None -> (B, nh, D) in query's dtype."""
     batch, heads, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
-    block_n = max(16, min(128, triton.next_power_of_2(_TILE_ELEMENTS // (block_g * block_d))))
-    splits, keys_per_split = key_slices(batch, kv_heads, keys, query.device)
+    block_n = tiles.block_n or max(16, min(128, triton.next_power_of_2(8192 // (block_g * block_d))))
+    splits, keys_per_split = key_slices(batch, kv_heads, keys, query.device, tiles)
     partials = batch * kv_heads * splits
     acc = torch.empty(partials, block_g, block_d, device=query.device, dtype=torch.float32)
     running_max = torch.empty(partials, block_g, device=query.device, dtype=torch.float32)
@@ -161,11 +180,12 @@ def _launch(query, key, value, mask, scaling: float) -> torch.Tensor:
         keys, keys_per_split, scaling,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, HAS_MASK=mask is not None,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=tiles.num_warps,
     )
-    _decode_attention_combine_kernel[(batch * kv_heads,)](
+    block_p = min(triton.next_power_of_2(splits), 1 << max(0, (tiles.combine_elements // block_d).bit_length() - 1))
+    _decode_attention_combine_kernel[(batch * heads,)](
         acc, running_max, running_sum, out, splits, out.stride(0), out.stride(1),
-        NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d,
+        HEADS=heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_P=block_p,
     )
     return out
 
@@ -185,14 +205,18 @@ _decode_attention = eager_or_op(_launch, _decode_attention_op)
 
 
 def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                            scaling: float) -> torch.Tensor:
+                            scaling: float, tiles: DecodeTiles | None = None) -> torch.Tensor:
     """`decode_attention_ref`'s contract (decode_attention_ops.py) on the Triton kernels: query (B, nh, 1, D), key /
-    value (B, nkv, S, D), mask (B or 1, 1, 1, S) bool or None -> (B, 1, nh, D). No gradient (inference only)."""
+    value (B, nkv, S, D), mask (B or 1, 1, 1, S) bool or None -> (B, 1, nh, D). No gradient (inference only).
+    `tiles`: None takes `DecodeTiles()` (and is what torch.compile sees); others launch directly, for sweeps."""
     if not triton_runs_on(query.device):
         raise ValueError(f"decode_attention_triton: tensors on {query.device}; the kernels run on CUDA (or on CPU "
                          "with TRITON_INTERPRET=1)")
     batch = query.shape[0]
     if mask is not None:
         mask = mask[:, 0, 0, :].expand(batch, -1)  # (B, S); stride 0 over rows for a shared mask
-    out = _decode_attention(query[:, :, 0], key, value, mask, float(scaling))  # (B, nh, D)
+    if tiles is None:
+        out = _decode_attention(query[:, :, 0], key, value, mask, float(scaling))  # (B, nh, D)
+    else:
+        out = _launch(query[:, :, 0], key, value, mask, float(scaling), tiles)
     return out[:, None]

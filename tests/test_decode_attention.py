@@ -96,6 +96,21 @@ def test_the_keys_are_split_and_masked_slices_count_nothing():
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+@pytest.mark.parametrize("mask_kind", [None, "padded"])
+def test_the_combine_takes_the_slices_in_several_loads(mask_kind):
+    """Tiles whose combine pass loads fewer slices at once than there are (the last load partly masked), and
+    slices of few keys."""
+    query, key, value, mask = make_inputs(2, 4, 2, 200, 16, torch.float32, mask_kind)
+    tiles = triton_decode_attention.DecodeTiles(programs_per_sm=5, min_keys_per_split=8, block_n=8,
+                                                combine_elements=4 * 16)  # 4 slices a load
+    splits, _ = triton_decode_attention.key_slices(2, 2, 200, query.device, tiles)
+    assert splits > 4 and splits % 4, "the test needs more slices than one load holds, the last load partly masked"
+    with torch.no_grad():
+        out = decode_attention_triton(query, key, value, mask, 0.25, tiles)
+    torch.testing.assert_close(out, decode_attention_ref(query, key, value, mask, 0.25), rtol=0,
+                               atol=OUT_ATOL[torch.float32])
+
+
 @pytest.mark.parametrize("mask_kind", [None, "shared", "padded"])
 def test_reference_is_sdpa(mask_kind):
     query, key, value, mask = make_inputs(3, 6, 2, 40, 16, torch.float64, mask_kind, device="cpu")
