@@ -76,8 +76,11 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_model_card(hub, tmp_path):
     assert model.config.layer_plan() in (hub / "README.md").read_text()  # the tokenizer push kept the card
 
     input_ids = tokenizer(["x = 1", "y = 12 + 3"], return_tensors="pt", padding=True)
-    expected = model(**input_ids).logits
-    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(hub)(**input_ids).logits, expected)
+    # The pushed folder loaded by the package is what the remote-code copy must match exactly: it runs the same
+    # code on the same (memory-mapped) tensors. The model in memory packs its MLP weights for inference
+    # (packed_weights.py) and may differ from it in the last bit, depending on the machine's BLAS.
+    expected = AutoModelForCausalLM.from_pretrained(hub)(**input_ids).logits
+    torch.testing.assert_close(model(**input_ids).logits, expected)
     assert AutoTokenizer.from_pretrained(hub)("y = 12 + 3")["input_ids"] == tokenizer("y = 12 + 3")["input_ids"]
     torch.save({"logits": expected}, tmp_path / "expected.pt")
     out = run_without_package(
