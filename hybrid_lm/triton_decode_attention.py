@@ -42,7 +42,8 @@ class DecodeTiles(NamedTuple):
     """How the kernels split the work. Pass 1 gives each multiprocessor about `programs_per_sm` programs, each over
     a slice of at least `min_keys_per_split` keys, walked `block_n` keys at a time (None: sized so that a tile of
     BG x BN x BD products holds about 8192 elements) by `num_warps` warps. Pass 2 loads up to `combine_elements`
-    / BD slices at once (rounded down to a power of two). The defaults were timed on an H100 (benchmarks/RESULTS.md, "Generation")."""
+    / BD slices at once (rounded down to a power of two). The defaults were timed on an H100
+    (benchmarks/RESULTS.md, "Generation")."""
 
     programs_per_sm: int = 2
     min_keys_per_split: int = 64
