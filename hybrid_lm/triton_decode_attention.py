@@ -14,7 +14,7 @@ multiprocessors at batch 1, and under torch.compile transformers also copies K a
     pass 2, one program per (row, query head), all slices loaded at once where they fit:
         out = sum_p acc_p e^(m_p - M) / sum_p l_p e^(m_p - M), M = max_p m_p
 
-`DecodeTiles` sets how many slices (about two programs per multiprocessor, each over at least 64 keys). On an
+`DecodeTiles` sets how many slices (about two programs per multiprocessor, each over at least 32 keys). On an
 H100, a batch-1 step of mamba-ssm's dense config after an 8192-token prompt took 0.49 ms against SDPA's 0.90
 (benchmarks/RESULTS.md, "Generation"). Arithmetic is float32; products are element-wise multiplies and sums (no
 `tl.dot`, whose bfloat16 result Triton's CPU interpreter gets wrong), which suits a memory-bound step.
@@ -46,7 +46,7 @@ class DecodeTiles(NamedTuple):
     (benchmarks/RESULTS.md, "Generation")."""
 
     programs_per_sm: int = 2
-    min_keys_per_split: int = 64
+    min_keys_per_split: int = 32
     block_n: int | None = None
     num_warps: int = 4
     combine_elements: int = 4096

@@ -19,17 +19,20 @@ import pytest
 triton = pytest.importorskip("triton")
 
 KERNEL_MODULES = ("hybrid_lm.mamba_scan_triton", "hybrid_lm.mamba_conv_triton", "hybrid_lm.triton_rms_norm",
-                  "hybrid_lm.triton_cross_entropy")
+                  "hybrid_lm.triton_cross_entropy", "hybrid_lm.triton_decode_attention")
 # a flag's optional tensor: off means None is passed for it
 OPTIONAL_TENSOR = {"HAS_D": "D_ptr", "HAS_Z": "z_ptr", "HAS_BIAS": "bias_ptr", "HAS_SEQ": "seq_ptr",
                    "HAS_INIT": "init_ptr", "HAS_DFINAL": "dfinal_ptr", "HAS_RESIDUAL": "res_ptr",
-                   "HAS_DSUM": "dsum_ptr"}
+                   "HAS_DSUM": "dsum_ptr", "HAS_MASK": "mask_ptr"}
 # tile constexprs, in the ranges the launchers use
 TILES = {"BLOCK_D": 16, "BLOCK_T": 64, "BLOCK_L": 128, "BLOCK_K": 4, "BLOCK_N": 16, "BLOCK_M": 4, "BLOCK_H": 1024,
-         "BLOCK_V": 4096, "WIDTH": 4}
+         "BLOCK_V": 4096, "WIDTH": 4, "BLOCK_G": 4, "BLOCK_P": 64, "HEADS": 16, "NUM_KV_HEADS": 4, "GROUP": 4,
+         "HEAD_DIM": 16}
 FLOAT32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "states_ptr", "adjoint_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
-                    "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr", "loss_ptr", "dweight_ptr"}
+                    "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr", "loss_ptr", "dweight_ptr", "acc_ptr", "max_ptr",
+                    "sum_ptr"}
 INT64_POINTERS = {"seq_ptr", "labels_ptr"}
+FLOAT32_SCALARS = {"scaling"}
 
 
 def _variants(fn):
@@ -42,13 +45,13 @@ def _variants(fn):
 
 def _signature(fn, constants: dict) -> dict:
     """Triton types of a kernel's arguments: constexpr for `constants`, pointers by name (bf16 unless listed above),
-    32-bit integers for the rest."""
+    float32 for the scalars listed above, 32-bit integers for the rest."""
     def type_of(arg):
         if arg in constants:
             return "constexpr"
         if arg.endswith("_ptr"):
             return "*i64" if arg in INT64_POINTERS else "*fp32" if arg in FLOAT32_POINTERS else "*bf16"
-        return "i32"
+        return "fp32" if arg in FLOAT32_SCALARS else "i32"
     return {arg: type_of(arg) for arg in fn.arg_names}
 
 
