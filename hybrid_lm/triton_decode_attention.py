@@ -42,14 +42,17 @@ class DecodeTiles(NamedTuple):
     """How the kernels split the work. Pass 1 gives each multiprocessor about `programs_per_sm` programs, each over
     a slice of at least `min_keys_per_split` keys, walked `block_n` keys at a time (None: sized so that a tile of
     BG x BN x BD products holds about 8192 elements) by `num_warps` warps. Pass 2 loads up to `combine_elements`
-    / BD slices at once (rounded down to a power of two). The defaults were timed on an H100
-    (benchmarks/RESULTS.md, "Generation")."""
+    / BD slices at once (rounded down to a power of two). `dot` runs pass 1's two products on `tl.dot` (tiles
+    padded to 16 query heads and 16 dims; tf32 for bfloat16 / float16 inputs, whose values it holds exactly) instead
+    of element-wise products and sums. The defaults were timed on an H100 (benchmarks/RESULTS.md, "Generation");
+    `dot` is not yet timed (`python benchmarks/decode_attention.py --sweep`)."""
 
     programs_per_sm: int = 2
     min_keys_per_split: int = 32
     block_n: int | None = None
     num_warps: int = 4
     combine_elements: int = 4096
+    dot: bool = False
 
 
 @triton.jit
@@ -59,10 +62,11 @@ def _decode_attention_partial_kernel(
     stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
     stride_vd, stride_mb, stride_mn,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """q: (B, nh, D); k, v: (B, nkv, S, D); mask: (B, S) bool (stride 0 for a mask shared by the rows); any
-    strides. Writes acc (B * nkv, P, BG, BD), max and sum (B * nkv, P, BG), contiguous."""
+    strides. Writes acc (B * nkv, P, G, BD), max and sum (B * nkv, P, G), contiguous. DOT: the two products on
+    `tl.dot` (BG >= 16, BD >= 16) in float32 at PRECISION, else as element-wise products and sums."""
     row_head = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -73,7 +77,7 @@ def _decode_attention_partial_kernel(
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (kv_head * GROUP + g)[:, None] * stride_qh + d[None, :] * stride_qd
-    q = tl.load(q_rows, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scaling  # (BG, BD)
+    q = tl.load(q_rows, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BG, BD)
 
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -91,7 +95,10 @@ def _decode_attention_partial_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + n[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         k = k.to(tl.float32)  # (BN, BD)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, BN)
+        if DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # (BG, BN)
+        else:
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # (BG, BN)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: keep exp(-inf - shift) = 0
@@ -100,20 +107,22 @@ def _decode_attention_partial_kernel(
         running_sum = running_sum * rescale + tl.sum(p, axis=1)
         v = tl.load(v_base + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         v = v.to(tl.float32)  # (BN, BD)
-        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if DOT:
+            acc = acc * rescale[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        else:
+            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         running_max = new_max
 
     partial = row_head.to(tl.int64) * splits + split
-    tl.store(acc_ptr + (partial * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc)
-    tl.store(max_ptr + partial * BLOCK_G + g, running_max)
-    tl.store(sum_ptr + partial * BLOCK_G + g, running_sum)
+    tl.store(acc_ptr + (partial * GROUP + g)[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+    tl.store(max_ptr + partial * GROUP + g, running_max, mask=g_ok)
+    tl.store(sum_ptr + partial * GROUP + g, running_sum, mask=g_ok)
 
 
 @triton.jit
 def _decode_attention_combine_kernel(
     acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_ob, stride_oh,
-    HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The partials of one (row, query head) into out (B, nh, D) strided, unit last stride. BLOCK_P slices are
     loaded at once (all of them, where they fit), so the program waits on memory once, not once per slice."""
@@ -127,7 +136,7 @@ def _decode_attention_combine_kernel(
     slice_max = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     for p0 in range(0, splits, BLOCK_P):
         partial = first + p0 + p
-        slice_max = tl.maximum(slice_max, tl.load(max_ptr + partial * BLOCK_G + g, mask=p0 + p < splits,
+        slice_max = tl.maximum(slice_max, tl.load(max_ptr + partial * GROUP + g, mask=p0 + p < splits,
                                                   other=float("-inf")))
     overall_max = tl.max(slice_max, axis=0)
     shift = tl.where(overall_max == float("-inf"), 0.0, overall_max)
@@ -136,9 +145,9 @@ def _decode_attention_combine_kernel(
     for p0 in range(0, splits, BLOCK_P):
         partial = first + p0 + p
         ok = p0 + p < splits
-        weight = tl.exp(tl.load(max_ptr + partial * BLOCK_G + g, mask=ok, other=float("-inf")) - shift)  # 0: no keys
-        total += tl.load(sum_ptr + partial * BLOCK_G + g, mask=ok, other=0.0) * weight
-        acc += tl.load(acc_ptr + (partial * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], mask=ok[:, None],
+        weight = tl.exp(tl.load(max_ptr + partial * GROUP + g, mask=ok, other=float("-inf")) - shift)  # 0: no keys
+        total += tl.load(sum_ptr + partial * GROUP + g, mask=ok, other=0.0) * weight
+        acc += tl.load(acc_ptr + (partial * GROUP + g)[:, None] * BLOCK_D + d[None, :], mask=ok[:, None],
                        other=0.0) * weight[:, None]
     total_sum = tl.sum(total, axis=0)
     out = tl.sum(acc, axis=0) / tl.where(total_sum == 0.0, 1.0, total_sum)  # a row without any key attends to nothing
@@ -168,12 +177,14 @@ def _launch(query, key, value, mask, scaling: float, tiles: DecodeTiles = Decode
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
+    if tiles.dot:  # tl.dot takes tiles of at least 16 x 16
+        block_g, block_d = max(16, block_g), max(16, block_d)
     block_n = tiles.block_n or max(16, min(128, triton.next_power_of_2(8192 // (block_g * block_d))))
     splits, keys_per_split = key_slices(batch, kv_heads, keys, query.device, tiles)
     partials = batch * kv_heads * splits
-    acc = torch.empty(partials, block_g, block_d, device=query.device, dtype=torch.float32)
-    running_max = torch.empty(partials, block_g, device=query.device, dtype=torch.float32)
-    running_sum = torch.empty(partials, block_g, device=query.device, dtype=torch.float32)
+    acc = torch.empty(partials, group, block_d, device=query.device, dtype=torch.float32)
+    running_max = torch.empty(partials, group, device=query.device, dtype=torch.float32)
+    running_sum = torch.empty(partials, group, device=query.device, dtype=torch.float32)
     out = torch.empty(batch, heads, head_dim, device=query.device, dtype=query.dtype)
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     _decode_attention_partial_kernel[(batch * kv_heads, splits)](
@@ -181,12 +192,14 @@ def _launch(query, key, value, mask, scaling: float, tiles: DecodeTiles = Decode
         keys, keys_per_split, scaling,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, HAS_MASK=mask is not None,
+        # bfloat16 and float16 values are exact in tf32; float32 inputs get full precision
+        DOT=tiles.dot, PRECISION="ieee" if key.dtype == torch.float32 else "tf32",
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=tiles.num_warps,
     )
     block_p = min(triton.next_power_of_2(splits), 1 << max(0, (tiles.combine_elements // block_d).bit_length() - 1))
     _decode_attention_combine_kernel[(batch * heads,)](
         acc, running_max, running_sum, out, splits, out.stride(0), out.stride(1),
-        HEADS=heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_P=block_p,
+        HEADS=heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=block_p,
     )
     return out
 

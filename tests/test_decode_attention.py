@@ -96,6 +96,18 @@ def test_the_keys_are_split_and_masked_slices_count_nothing():
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_products_on_tl_dot_match_the_reference(shape, dtype):
+    """`DecodeTiles(dot=True)`: tiles padded to 16 query heads and 16 dims (every shape here has fewer)."""
+    query, key, value, mask = make_inputs(*shape, dtype, "padded")
+    scaling = shape[-1] ** -0.5
+    with torch.no_grad():
+        out = decode_attention_triton(query, key, value, mask, scaling, triton_decode_attention.DecodeTiles(dot=True))
+    torch.testing.assert_close(out.float(), decode_attention_ref(query, key, value, mask, scaling).float(), rtol=0,
+                               atol=OUT_ATOL[dtype])
+
+
 @pytest.mark.parametrize("mask_kind", [None, "padded"])
 def test_the_combine_takes_the_slices_in_several_loads(mask_kind):
     """Tiles whose combine pass loads fewer slices at once than there are (the last load partly masked), and
@@ -193,12 +205,14 @@ def test_model_decode_steps_take_the_kernels_and_match_sdpa(monkeypatch):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("dot", [False, True], ids=["sums", "dot"])
 @pytest.mark.parametrize("shape", [(1, 16, 4, 8448, 64), (16, 16, 4, 384, 64), (4, 32, 8, 2000, 128),
                                    (64, 8, 8, 300, 80)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernels_match_the_reference_at_model_shapes(shape, dtype):
+def test_kernels_match_the_reference_at_model_shapes(shape, dtype, dot):
     query, key, value, mask = make_inputs(*shape, dtype, "padded")
     with torch.no_grad():
-        out = decode_attention_triton(query, key, value, mask, shape[-1] ** -0.5)
+        out = decode_attention_triton(query, key, value, mask, shape[-1] ** -0.5,
+                                      triton_decode_attention.DecodeTiles(dot=dot))
     expected = decode_attention_ref(query, key, value, mask, shape[-1] ** -0.5)
     torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=OUT_ATOL[dtype])

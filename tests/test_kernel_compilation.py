@@ -26,8 +26,8 @@ OPTIONAL_TENSOR = {"HAS_D": "D_ptr", "HAS_Z": "z_ptr", "HAS_BIAS": "bias_ptr", "
                    "HAS_DSUM": "dsum_ptr", "HAS_MASK": "mask_ptr"}
 # tile constexprs, in the ranges the launchers use
 TILES = {"BLOCK_D": 16, "BLOCK_T": 64, "BLOCK_L": 128, "BLOCK_K": 4, "BLOCK_N": 16, "BLOCK_M": 4, "BLOCK_H": 1024,
-         "BLOCK_V": 4096, "WIDTH": 4, "BLOCK_G": 4, "BLOCK_P": 64, "HEADS": 16, "NUM_KV_HEADS": 4, "GROUP": 4,
-         "HEAD_DIM": 16}
+         "BLOCK_V": 4096, "WIDTH": 4, "BLOCK_G": 16, "BLOCK_P": 64, "HEADS": 16, "NUM_KV_HEADS": 4, "GROUP": 4,
+         "HEAD_DIM": 16, "PRECISION": "tf32"}
 FLOAT32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "states_ptr", "adjoint_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
                     "dD_ptr", "dbias_ptr", "rstd_ptr", "state_ptr", "loss_ptr", "dweight_ptr", "acc_ptr", "max_ptr",
                     "sum_ptr"}
