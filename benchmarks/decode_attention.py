@@ -7,7 +7,8 @@ over (keys allocated to the prompt + 256 and filled to the prompt, a boolean mas
 
 Engines, each timed as the GPU time of CUDA-graph replays (`triton.testing.do_bench_cudagraph`, so host time and
 cuDNN's plan building at capture do not count):
-- triton: `decode_attention_triton` with the default `DecodeTiles` (what the model runs);
+- triton: `decode_attention_triton` with the default `DecodeTiles` (what the model runs); "triton, dot" with its
+  products on `tl.dot`;
 - sdpa efficient after repeat_kv: K and V copied once per query head, then the memory-efficient backend (what
   transformers' sdpa path runs for a masked one-query step under torch.compile; the model's path before the kernels);
 - sdpa efficient / cudnn / math, enable_gqa: SDPA with grouped heads and one backend allowed ("not supported" where
@@ -55,6 +56,7 @@ def engines(query, key, value, mask, scaling):
 
     return {
         "triton": lambda: decode_attention_triton(query, key, value, mask, scaling),
+        "triton, dot": lambda: decode_attention_triton(query, key, value, mask, scaling, DecodeTiles(dot=True)),
         "sdpa efficient after repeat_kv": sdpa(SDPBackend.EFFICIENT_ATTENTION, False),
         "sdpa efficient, enable_gqa": sdpa(SDPBackend.EFFICIENT_ATTENTION, True),
         "sdpa cudnn, enable_gqa": sdpa(SDPBackend.CUDNN_ATTENTION, True),
@@ -98,10 +100,10 @@ def main():
                       f"  max |error| {error:.1e}", flush=True)
             if args.sweep:
                 timed = []
-                for programs, min_keys, warps, block_n in itertools.product([2, 4, 8], [16, 32, 64], [2, 4, 8],
-                                                                            [None, 16, 64]):
+                for programs, min_keys, warps, block_n, dot in itertools.product(
+                        [2, 4, 8], [16, 32, 64], [4, 8], [None, 64], [False, True]):
                     tiles = DecodeTiles(programs_per_sm=programs, min_keys_per_split=min_keys, block_n=block_n,
-                                        num_warps=warps)
+                                        num_warps=warps, dot=dot)
                     timed.append((microseconds(
                         lambda: decode_attention_triton(query, key, value, mask, scaling, tiles)), tiles))
                 timed.sort(key=lambda pair: pair[0])
