@@ -1,7 +1,8 @@
 """Attention of one query per row over a key/value cache (a decode step): the Triton tier, split over the keys.
 
 Shape legend: B = batch, nkv = key/value heads, G = query heads per key/value head (nh = nkv * G), S = keys,
-D = head dim, P = key splits; BG, BN, BD = a program's tile (G, keys, D, each rounded up to a power of two).
+D = head dim, P = key splits; BG, BN, BD = a program's tile (G, keys, D, each rounded up to a power of two, G and D
+to at least 16 with `dot`).
 Same semantics and signature as `decode_attention_ops.decode_attention_ref` (see there for the formula).
 
 SDPA's kernels give a one-query step one program per (row, head) that walks every key: 16 programs on a GPU of 132
@@ -16,8 +17,10 @@ multiprocessors at batch 1, and under torch.compile transformers also copies K a
 
 `DecodeTiles` sets how many slices (about two programs per multiprocessor, each over at least 32 keys). On an
 H100, a batch-1 step of mamba-ssm's dense config after an 8192-token prompt took 0.49 ms against SDPA's 0.90
-(benchmarks/RESULTS.md, "Generation"). Arithmetic is float32; products are element-wise multiplies and sums (no
-`tl.dot`, whose bfloat16 result Triton's CPU interpreter gets wrong), which suits a memory-bound step.
+(benchmarks/RESULTS.md, "Generation"). Arithmetic is float32; by default the products are element-wise multiplies
+and sums (no `tl.dot`, whose bfloat16 result Triton's CPU interpreter gets wrong). On the H100 that first pass reads
+K and V at only 0.44 TB/s at batch 16, and SDPA with `enable_gqa` was several times faster there (RESULTS.md, ninth
+session); `DecodeTiles(dot=True)` is the candidate on `tl.dot`, still to be timed.
 """
 
 import functools
