@@ -5,8 +5,8 @@ over (keys allocated to the prompt + 256 and filled to the prompt, a boolean mas
     python benchmarks/decode_attention.py [--batch 1 16 64] [--keys 1024 8192 32768] [--heads 16 --kv-heads 4
                                            --head-dim 64] [--sweep]
 
-Engines, each timed as the GPU time of CUDA-graph replays (`triton.testing.do_bench_cudagraph`, so host time and
-cuDNN's plan building at capture do not count):
+Engines, each timed as its kernels' own GPU time (`timing.gpu_ms`, so host time and cuDNN's plan building do not
+count):
 - triton: `decode_attention_triton` with the default `DecodeTiles` (what the model runs); "triton, dot" with its
   products on `tl.dot`;
 - sdpa efficient after repeat_kv: K and V copied once per query head, then the memory-efficient backend (what
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hybrid_lm.decode_attention_ops import decode_attention_ref  # noqa: E402
 from hybrid_lm.triton_decode_attention import DecodeTiles, decode_attention_triton  # noqa: E402
+from timing import gpu_ms  # noqa: E402
 
 
 def inputs(batch, keys, heads, kv_heads, head_dim):
@@ -65,9 +66,7 @@ def engines(query, key, value, mask, scaling):
 
 
 def microseconds(fn) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    return do_bench_cudagraph(fn, rep=50) * 1e3
+    return gpu_ms(fn, reps=50) * 1e3
 
 
 def main():
@@ -82,7 +81,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.heads} heads / {args.kv_heads} kv heads, "
-          f"head dim {args.head_dim}, bf16; GPU us per call (CUDA-graph replays)")
+          f"head dim {args.head_dim}, bf16; kernels' GPU us per call")
     scaling = args.head_dim ** -0.5
     with torch.no_grad():
         for batch, keys in itertools.product(args.batch, args.keys):

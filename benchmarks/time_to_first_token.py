@@ -24,15 +24,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hybrid_lm import HybridLMConfig, HybridLMForCausalLM  # noqa: E402
-from generate import CONFIGS  # noqa: E402
-
-
-def milliseconds(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+from generate import CONFIGS, timed  # noqa: E402
 
 
 def main():
@@ -64,7 +56,7 @@ def main():
     times = {name: [] for name in runs}
     for _ in range(args.runs):
         for name, run in runs.items():
-            times[name].append(milliseconds(run))
+            times[name].append(timed(run) * 1e3)
     base = statistics.median(times["forward"])
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}; "
           f"{args.config} config, prompt {args.prompt}, batch 1, bf16, {args.runs} alternating runs")

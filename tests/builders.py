@@ -64,11 +64,10 @@ def run_without_package(code: str, tmp_path) -> str:
     return result.stdout
 
 
-def assert_same_weights(model: torch.nn.Module, reference: torch.nn.Module) -> None:
-    """The same state-dict keys, every tensor bit-equal (a save / load round trip). Outputs of two such models are
-    compared within float32 rounding instead: CPU BLAS kernels can round differently for tensors of different
-    memory alignment, and loaded tensors are not aligned as freshly allocated ones are."""
-    weights, expected = model.state_dict(), reference.state_dict()
+def assert_same_weights(weights: dict, expected: dict) -> None:
+    """Two state dicts with the same keys, every tensor bit-equal (a save / load round trip). Outputs of two such
+    models are compared within float32 rounding instead: CPU BLAS kernels can round differently for tensors of
+    different memory alignment, and loaded tensors are not aligned as freshly allocated ones are."""
     assert weights.keys() == expected.keys(), set(weights) ^ set(expected)
     different = [key for key, value in expected.items() if not torch.equal(weights[key], value)]
     assert not different, f"weights differ after the round trip: {different[:5]}"
