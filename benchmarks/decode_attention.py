@@ -100,7 +100,7 @@ def main():
             if args.sweep:
                 timed = []
                 for programs, min_keys, warps, block_n, dot in itertools.product(
-                        [2, 4, 8], [16, 32, 64], [4, 8], [None, 64], [False, True]):
+                        [2, 4, 8], [32, 128], [4, 8], [None, 64, 128], [False, True]):
                     tiles = DecodeTiles(programs_per_sm=programs, min_keys_per_split=min_keys, block_n=block_n,
                                         num_warps=warps, dot=dot)
                     timed.append((microseconds(

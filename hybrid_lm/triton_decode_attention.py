@@ -43,8 +43,8 @@ _SMS_OFF_GPU = 8  # the interpreter's "multiprocessors": enough that tiny tests 
 
 class DecodeTiles(NamedTuple):
     """How the kernels split the work. Pass 1 gives each multiprocessor about `programs_per_sm` programs, each over
-    a slice of at least `min_keys_per_split` keys, walked `block_n` keys at a time (None: sized so that a tile of
-    BG x BN x BD products holds about 8192 elements) by `num_warps` warps. Pass 2 loads up to `combine_elements`
+    a slice of at least `min_keys_per_split` keys, walked `block_n` keys at a time (None: 64 with `dot`, else sized
+    so that a tile of BG x BN x BD products holds about 8192 elements) by `num_warps` warps. Pass 2 loads up to `combine_elements`
     / BD slices at once (rounded down to a power of two). `dot` runs pass 1's two products on `tl.dot` (tiles
     padded to 16 query heads and 16 dims; tf32 for bfloat16 / float16 inputs, whose values it holds exactly, while
     the softmax weights are rounded to its 10-bit mantissa) instead of element-wise products and sums. The
@@ -183,7 +183,9 @@ def _launch(query, key, value, mask, scaling: float, tiles: DecodeTiles = Decode
     block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
     if tiles.dot:  # tl.dot takes tiles of at least 16 x 16
         block_g, block_d = max(16, block_g), max(16, block_d)
-    block_n = tiles.block_n or max(16, min(128, triton.next_power_of_2(8192 // (block_g * block_d))))
+    # element-wise products hold a BG x BN x BD tile in registers; `tl.dot` holds none of that size
+    block_n = tiles.block_n or (64 if tiles.dot else max(16, min(128, triton.next_power_of_2(
+        8192 // (block_g * block_d)))))
     splits, keys_per_split = key_slices(batch, kv_heads, keys, query.device, tiles)
     partials = batch * kv_heads * splits
     acc = torch.empty(partials, group, block_d, device=query.device, dtype=torch.float32)
