@@ -6,9 +6,10 @@
 The bench config in bf16 at batch 1. Alternating runs of `model(ids, logits_to_keep=1)` and
 `generate(max_new_tokens=1)` (greedy; the default cache, which is the static cache the model keeps, and the dynamic
 one), after warm-ups that include the first call's graph capture (20-35 s on an H100). Prints medians and minima,
-each as a multiple of the forward's median, then generate's time split three ways: host time before the decoder
-stack is entered (transformers' preparation), the stack's own host time, and the time from its return to the
-generated token (the rest of the GPU work, the lm_head and logits processing). Also the forward with an all-ones
+each as a multiple of the forward's median, then the forward's and generate's times split three ways: host time
+before the decoder stack is entered (for generate, transformers' preparation), the stack's own host time (about
+the stack's wall time where the GPU keeps up with the host), and the time from its return to the end (the rest of
+the GPU work, the lm_head, and for generate the logits processing). Also the forward with an all-ones
 attention mask, as generate passes one.
 """
 
@@ -64,7 +65,7 @@ def main():
         median = statistics.median(values)
         print(f"  {name:26s} median {median:7.2f} ms  min {min(values):7.2f} ms  ({median / base:.3f}x the forward)")
 
-    # generate's split: the stack records when it is entered and when it returns (host clocks, no sync inside)
+    # the splits: the stack records when it is entered and when it returns (host clocks, no sync inside)
     marks = {}
     stack = model.model.forward
 
@@ -75,20 +76,21 @@ def main():
         return out
 
     model.model.forward = marked
-    split = {"before the stack (host)": [], "the stack (host)": [], "stack return to token": []}
-    for _ in range(args.runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(None)()
-        torch.cuda.synchronize()
-        end = time.perf_counter()
-        split["before the stack (host)"].append((marks["enter"] - start) * 1e3)
-        split["the stack (host)"].append((marks["leave"] - marks["enter"]) * 1e3)
-        split["stack return to token"].append((end - marks["leave"]) * 1e3)
+    for name, run in (("forward", forward), ("generate, default cache", generate(None))):
+        split = {"before the stack (host)": [], "the stack (host)": [], "stack return to the end": []}
+        for _ in range(args.runs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            end = time.perf_counter()
+            split["before the stack (host)"].append((marks["enter"] - start) * 1e3)
+            split["the stack (host)"].append((marks["leave"] - marks["enter"]) * 1e3)
+            split["stack return to the end"].append((end - marks["leave"]) * 1e3)
+        print(f"  {name}, split:")
+        for part, values in split.items():
+            print(f"    {part:26s} median {statistics.median(values):7.2f} ms")
     del model.model.forward  # the class's forward again
-    print("  generate, default cache, split:")
-    for name, values in split.items():
-        print(f"    {name:26s} median {statistics.median(values):7.2f} ms")
 
 
 if __name__ == "__main__":
