@@ -81,6 +81,24 @@ def test_any_strides():
                                atol=OUT_ATOL[torch.float32])
 
 
+@pytest.mark.parametrize("dot", [False, True], ids=["sums", "dot"])
+def test_a_slice_walked_in_several_key_steps(dot):
+    """The online softmax across the steps of one slice: slices of 50 keys walked 16 at a time, scores that grow
+    along the keys (the running max rises from step to step), and masks that open a slice with masked steps (row 0)
+    or close it with them (row 1)."""
+    query, key, value, _ = make_inputs(2, 4, 2, 200, 16, torch.float32, None)
+    key = key * (1 + torch.arange(200, device=DEVICE) / 50)[:, None]
+    positions = torch.arange(200, device=DEVICE)
+    mask = torch.stack([positions >= 70, positions < 121]).view(2, 1, 1, 200)
+    tiles = triton_decode_attention.DecodeTiles(min_keys_per_split=64, block_n=16, dot=dot)
+    splits, keys_per_split = triton_decode_attention.key_slices(2, 2, 200, query.device, tiles)
+    assert splits > 1 and keys_per_split > 2 * tiles.block_n, "the test needs slices of several key steps"
+    with torch.no_grad():
+        out = decode_attention_triton(query, key, value, mask, 0.25, tiles)
+    torch.testing.assert_close(out, decode_attention_ref(query, key, value, mask, 0.25), rtol=0,
+                               atol=OUT_ATOL[torch.float32])
+
+
 def test_the_keys_are_split_and_masked_slices_count_nothing():
     """Several slices per (row, head), one of them without any key, and a row without any key (zeros)."""
     query, key, value, _ = make_inputs(2, 4, 2, 200, 16, torch.float32, None)
