@@ -42,14 +42,14 @@ _SMS_OFF_GPU = 8  # the interpreter's "multiprocessors": enough that tiny tests 
 
 
 class DecodeTiles(NamedTuple):
-    """How the kernels split the work. Pass 1 gives each multiprocessor about `programs_per_sm` programs, each over
-    a slice of at least `min_keys_per_split` keys, walked `block_n` keys at a time (None: 64 with `dot`, else sized
-    so that a tile of BG x BN x BD products holds about 8192 elements) by `num_warps` warps. Pass 2 loads up to
-    `combine_elements` / BD slices at once (rounded down to a power of two). `dot` runs pass 1's two products on `tl.dot` (tiles
-    padded to 16 query heads and 16 dims; tf32 for bfloat16 / float16 inputs, whose values it holds exactly, while
-    the softmax weights are rounded to its 10-bit mantissa) instead of element-wise products and sums. The
-    defaults were timed on an H100 (benchmarks/RESULTS.md, "Generation"); `dot` is not yet timed
-    (`python benchmarks/decode_attention.py --sweep`)."""
+    """How the kernels split the work. Pass 1 gives each multiprocessor about `programs_per_sm` programs, each over a
+    slice of at least `min_keys_per_split` keys, walked `block_n` keys at a time (None: 64 with `dot`, else sized so
+    that a tile of BG x BN x BD products holds about 8192 elements) by `num_warps` warps. Pass 2 loads up to
+    `combine_elements` / BD slices at once (rounded down to a power of two). `dot` runs pass 1's two products on
+    `tl.dot` (tiles padded to 16 query heads and 16 dims; tf32 for bfloat16 / float16 inputs, whose values it holds
+    exactly, while the softmax weights are rounded to its 10-bit mantissa) instead of element-wise products and
+    sums. The defaults were timed on an H100 (benchmarks/RESULTS.md, "Generation"); `dot` is not yet timed (`python
+    benchmarks/decode_attention.py --sweep`)."""
 
     programs_per_sm: int = 2
     min_keys_per_split: int = 32
