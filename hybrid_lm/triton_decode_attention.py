@@ -183,9 +183,9 @@ def _launch(query, key, value, mask, scaling: float, tiles: DecodeTiles = Decode
     block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
     if tiles.dot:  # tl.dot takes tiles of at least 16 x 16
         block_g, block_d = max(16, block_g), max(16, block_d)
-    # element-wise products hold a BG x BN x BD tile in registers; `tl.dot` holds none of that size
-    block_n = tiles.block_n or (64 if tiles.dot else max(16, min(128, triton.next_power_of_2(
-        8192 // (block_g * block_d)))))
+    block_n = tiles.block_n
+    if block_n is None:  # element-wise products hold a BG x BN x BD tile in registers; `tl.dot` holds none that size
+        block_n = 64 if tiles.dot else max(16, min(128, triton.next_power_of_2(8192 // (block_g * block_d))))
     splits, keys_per_split = key_slices(batch, kv_heads, keys, query.device, tiles)
     partials = batch * kv_heads * splits
     acc = torch.empty(partials, group, block_d, device=query.device, dtype=torch.float32)
